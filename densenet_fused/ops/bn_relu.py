@@ -88,3 +88,155 @@ def _backward(ctx, grad_z):
 
 
 bn_relu.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  BN folds into z = x * scale + shift with
+# scale = gamma * invstd, shift = beta - mean * scale.  Backward is one pass in eval mode; in training a
+# first pass forms the per-channel sums (sum dA, sum dA * x_hat) the BatchNorm backward needs and a
+# second pass writes grad_x.  Partial sums land in [2, splits, C] and are summed by torch.
+
+from . import _triton as _tr  # noqa: E402
+
+if _tr.TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bn_relu_kernel(
+        x_ptr, y_ptr, scale_ptr, shift_ptr,
+        C, Q, D, H, W,
+        sxn, sxc, sxd, sxh, sxw,
+        syn, syc, syd, syh, syw,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):  # fmt: skip
+        offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & (offs_q < Q)[None, :]
+        n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
+        channels = offs_c.to(tl.int64)[:, None]
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
+        y = tl.maximum(x.to(tl.float32) * scale + shift, 0.0)
+        y_ptrs = y_ptr + channels * syc + (n * syn + d * syd + h * syh + w * syw)[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bn_relu_backward_kernel(
+        gz_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c1_ptr, c2_ptr, gx_ptr, sums_ptr,
+        C, Q, chunk, D, H, W,
+        szn, szc, szd, szh, szw,
+        sxn, sxc, sxd, sxh, sxw,
+        sgn, sgc, sgd, sgh, sgw,
+        REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):  # fmt: skip
+        pid_c = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        channels = offs_c.to(tl.int64)[:, None]
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        if TRAINING:
+            c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+            c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dy_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+        q_start = pid_s * chunk
+        q_end = tl.minimum(q_start + chunk, Q)
+        for q0 in range(q_start, q_end, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            mask = mask_c[:, None] & (offs_q < q_end)[None, :]
+            n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
+            x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            gz = tl.load(gz_ptr + channels * szc + (n * szn + d * szd + h * szh + w * szw)[None, :], mask=mask, other=0.0)
+            da = tl.where(mask & (x * scale + shift > 0.0), gz.to(tl.float32), 0.0)
+            x_hat = (x - mean) * invstd
+            if REDUCE:
+                sum_dy += tl.sum(da, axis=1)
+                sum_dy_xhat += tl.sum(da * x_hat, axis=1)
+            if APPLY:
+                if TRAINING:
+                    gx = scale * (da - c1 - x_hat * c2)
+                else:
+                    gx = scale * da
+                g_ptrs = gx_ptr + channels * sgc + (n * sgn + d * sgd + h * sgh + w * sgw)[None, :]
+                tl.store(g_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        if REDUCE:
+            splits = tl.num_programs(1)
+            tl.store(sums_ptr + pid_s * C + offs_c, sum_dy, mask=mask_c)
+            tl.store(sums_ptr + (splits + pid_s) * C + offs_c, sum_dy_xhat, mask=mask_c)
+
+
+_ELEMENTWISE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 4}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
+
+
+def folded_affine(mean, invstd, gamma, beta):
+    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous float32."""
+    scale = (gamma * invstd).float().contiguous()
+    shift = (beta - mean * (gamma * invstd)).float().contiguous()
+    return scale, shift
+
+
+def bn_relu_triton(x, mean, invstd, gamma, beta):
+    """bn_relu with a Triton kernel; float64 and more than 3 spatial dims use the reference."""
+    out = empty_like_layout(x, x.size(1))
+    found = _tr.common_geometry(x, out)
+    if not _tr.runs_triton(x) or found is None:
+        return bn_relu_reference(x, mean, invstd, gamma, beta)
+    (d, h, w), (sx, sy) = found
+    c, q = x.size(1), x.size(0) * d * h * w
+    scale, shift = folded_affine(mean, invstd, gamma, beta)
+    config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
+    grid = (triton.cdiv(q, config["BLOCK_Q"]), triton.cdiv(c, config["BLOCK_C"]))
+    with _tr.device_guard(x):
+        _bn_relu_kernel[grid](
+            x, out, scale, shift, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy,
+            **config,
+        )
+    return out
+
+
+def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
+    """bn_relu_backward with Triton kernels: (grad_x, grad_gamma, grad_beta)."""
+    grad_x = empty_like_layout(x, x.size(1))
+    found = _tr.common_geometry(grad_z, x, grad_x)
+    if not _tr.runs_triton(x) or found is None:
+        return bn_relu_backward_reference(grad_z, x, mean, invstd, gamma, beta, training)
+    (d, h, w), (sz, sx, sg) = found
+    c, q = x.size(1), x.size(0) * d * h * w
+    scale, shift = folded_affine(mean, invstd, gamma, beta)
+    mean32, invstd32 = mean.float().contiguous(), invstd.float().contiguous()
+    config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
+    c_blocks = triton.cdiv(c, config["BLOCK_C"])
+    splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
+    sums = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+
+    def launch(c1, c2, reduce, apply, train):
+        _bn_relu_backward_kernel[(c_blocks, splits)](
+            grad_z, x, mean32, invstd32, scale, shift, c1, c2, grad_x, sums,
+            c, q, chunk, d, h, w,
+            grad_z.stride(0), grad_z.stride(1), *sz, x.stride(0), x.stride(1), *sx, grad_x.stride(0), grad_x.stride(1), *sg,
+            REDUCE=reduce, APPLY=apply, TRAINING=train, **config,
+        )  # fmt: skip
+
+    with _tr.device_guard(x):
+        if training:
+            launch(scale, scale, True, False, False)
+            grad_beta, grad_gamma = sums.sum(1).unbind(0)
+            launch(grad_beta / q, grad_gamma / q, False, True, True)
+        else:
+            launch(scale, scale, True, True, False)
+            grad_beta, grad_gamma = sums.sum(1).unbind(0)
+    return grad_x, grad_gamma, grad_beta
+
+
+if _tr.TRITON_AVAILABLE:
+    _IMPLS["triton"] = bn_relu_triton
+    _BACKWARD_IMPLS["triton"] = bn_relu_backward_triton

@@ -1,0 +1,146 @@
+"""Launcher helpers shared by the Triton kernels of the primitives (the kernels live in each primitive's file).
+
+Nothing here imports triton, so the package imports where triton is absent.
+
+Conventions of every kernel:
+
+* A tensor [N, C, *spatial] is addressed as [N, C, D, H, W] through its own strides (``geometry``), so
+  a channel prefix ``buf[:, :C]`` of an NCHW or channels-last buffer is read and written in place.
+* Per-channel vectors (mean, invstd, gamma, beta) and every accumulator are float32; inputs are
+  float32, float16 or bfloat16.  float64 runs the reference (it is a checking dtype, and Triton's
+  float64 dot is not supported on every GPU).
+* Reductions over pixels are split in ``num_splits`` chunks whose partial results land in a small
+  [splits, ...] tensor summed by torch afterwards: deterministic, no atomics.
+* fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (read at every launch) selects TF32.
+"""
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+from ._backend import TRITON_AVAILABLE, _interpreting
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TF32_ENV = "DENSENET_FUSED_TF32"
+
+__all__ = [
+    "TRITON_AVAILABLE",
+    "TRITON_DTYPES",
+    "autotune_configs",
+    "device_guard",
+    "common_geometry",
+    "geometry",
+    "input_precision",
+    "interpreting",
+    "num_splits",
+    "pick_config",
+    "runs_triton",
+]
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _interpreting()
+
+
+def autotune_configs(gpu_configs: list, interpreter_config) -> list:
+    """The autotuning space: exactly one config under the interpreter (autotuning needs a GPU driver)."""
+    return [interpreter_config] if interpreting() else gpu_configs
+
+
+def pick_config(gpu_config: dict, interpreter_config: dict) -> dict:
+    """Block sizes (and num_warps/num_stages) of a kernel launched without autotuning."""
+    return dict(interpreter_config) if interpreting() else dict(gpu_config)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: IEEE fp32 by default (matches the reference), TF32 on request."""
+    if dtype == torch.float32 and os.environ.get(TF32_ENV, "0") == "1":
+        return "tf32"
+    return "ieee"
+
+
+def runs_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these tensors (else the launcher runs the reference)."""
+    return all(t.dtype in TRITON_DTYPES and t.numel() > 0 for t in tensors)
+
+
+def geometry(t: torch.Tensor, merge: bool = True):
+    """([D, H, W], [sd, sh, sw]) addressing t's spatial dims, or None when more than 3 are needed.
+
+    With ``merge``, spatial dims that are contiguous with each other are merged and size-1 dims
+    dropped (fewer index computations, any rank of a dense or channel-sliced tensor fits); without it
+    (pooling needs the real dims) the dims are only left-padded to 3.
+    """
+    dims = list(zip(t.shape[2:], t.stride()[2:]))
+    if merge:
+        merged = []
+        for size, stride in dims:
+            if size == 1:
+                continue
+            if merged and merged[-1][1] == stride * size:
+                merged[-1] = (merged[-1][0] * size, stride)
+            else:
+                merged.append((size, stride))
+        dims = merged
+    if len(dims) > 3:
+        return None
+    dims = [(1, 0)] * (3 - len(dims)) + dims
+    return [size for size, _ in dims], [stride for _, stride in dims]
+
+
+def common_geometry(*tensors: torch.Tensor):
+    """One [D, H, W] for tensors of the same spatial shape, with each one's strides; None if impossible.
+
+    Returns (sizes, [strides of each tensor]).  Merged dims when every tensor merges the same way.
+    """
+    for merge in (True, False):
+        found = [geometry(t, merge) for t in tensors]
+        if all(g is not None for g in found) and all(g[0] == found[0][0] for g in found):
+            return found[0][0], [g[1] for g in found]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(other_programs: int, pixels: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): cut ``pixels`` into chunks (multiples of ``block``) so the grid fills the GPU.
+
+    ``other_programs`` is the grid size over the non-reduced dims.  Aim at 4 programs per SM; each
+    chunk holds at least one block.  Under the interpreter aim at 4 programs in all.
+    """
+    if device.type == "cuda":
+        target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    blocks = math.ceil(pixels / block)
+    splits = max(1, min(blocks, math.ceil(target / max(other_programs, 1))))
+    chunk = math.ceil(blocks / splits) * block
+    return math.ceil(pixels / chunk), chunk
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pixel_coords(q, D, H, W):
+        """Split flat pixel indices q over [N, D, H, W] into (n as int64, d, h, w)."""
+        w = q % W
+        t = q // W
+        h = t % H
+        t = t // H
+        d = t % D
+        n = (t // D).to(tl.int64)
+        return n, d, h, w

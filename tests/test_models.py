@@ -1,0 +1,206 @@
+"""Drop-in equivalence with torchvision's DenseNet: structure, init, weights, and training numerics."""
+
+import copy
+import io
+import re
+
+import pytest
+import torch
+import torchvision
+from twins import assert_lockstep, twins
+
+import densenet_fused
+
+BUILDERS = ["densenet121", "densenet161", "densenet169", "densenet201"]
+TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_same_seed_gives_bit_identical_init_and_names(name):
+    torch.manual_seed(3)
+    ours = getattr(densenet_fused, name)()
+    torch.manual_seed(3)
+    theirs = getattr(torchvision.models, name)()
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    for key in ours_state:
+        assert torch.equal(ours_state[key], theirs_state[key]), key
+
+
+def test_densenet264_config():
+    model = densenet_fused.densenet264(num_classes=10)
+    blocks = [m for n, m in model.features.named_children() if n.startswith("denseblock")]
+    assert [len(b) for b in blocks] == [6, 12, 64, 48]
+    assert model.features.denseblock1.denselayer1.conv2.out_channels == 32
+    assert model.classifier.in_features == 2688
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        densenet_fused.densenet264(weights="IMAGENET1K_V1")
+
+
+def test_constructor_arguments_match_torchvision():
+    import inspect
+
+    ours = inspect.signature(densenet_fused.DenseNet).parameters
+    theirs = inspect.signature(torchvision.models.DenseNet).parameters
+    assert list(ours) == list(theirs)
+    assert ours["memory_efficient"].default is True
+
+
+def test_state_dict_loads_strictly_both_ways():
+    ours, theirs = twins(**TINY)
+    theirs2 = torchvision.models.DenseNet(**TINY)
+    theirs2.load_state_dict(ours.state_dict(), strict=True)
+    ours2 = densenet_fused.DenseNet(**TINY)
+    ours2.load_state_dict(theirs.state_dict(), strict=True)
+    for a, b in zip(ours2.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b.to(a.dtype))
+
+
+@pytest.mark.parametrize("as_enum", [True, False])
+def test_weights_load_through_torchvision_mechanism(tmp_path, monkeypatch, as_enum):
+    """weights= goes through torchvision's loader; the file is served from the hub cache (no network)."""
+    weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
+    torch.manual_seed(7)
+    source = torchvision.models.densenet121()
+    state = source.state_dict()
+    # Published checkpoints use the legacy 'norm.1' key style; torchvision's loader renames them.
+    legacy = {re.sub(r"(norm|conv)([12])\.(weight|bias|running_mean|running_var)$", r"\1.\2.\3", k): v for k, v in state.items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save(legacy, checkpoints / weights.url.rsplit("/", 1)[1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = densenet_fused.densenet121(weights=weights if as_enum else "IMAGENET1K_V1", progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match="num_classes"):
+        densenet_fused.densenet121(weights=weights, num_classes=10)
+
+
+def test_copy_save_and_load_round_trips():
+    model, _ = twins(dtype=torch.float32, **TINY)
+    x = torch.randn(2, 3, 35, 39)
+    model.eval()
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    restored = densenet_fused.DenseNet(**TINY).eval()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    clone.train()
+    clone(x).sum().backward()  # the copy trains on its own ...
+    assert model.features.conv0.weight.grad is None  # ... without touching the original
+
+
+CONFIGS = {
+    "tiny": (TINY, (2, 3, 35, 39), 3),
+    "k5_bn3_odd": (dict(growth_rate=5, block_config=(3, 2, 2), num_init_features=6, bn_size=3, num_classes=4), (2, 3, 33, 47), 3),
+    "k7_drop_free_batch2": (dict(growth_rate=7, block_config=(4, 3), num_init_features=10, bn_size=1, num_classes=3), (2, 3, 29, 31), 2),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_trains_like_torchvision_float64(name, memory_efficient):
+    config, shape, steps = CONFIGS[name]
+    ours, theirs = twins(**config, memory_efficient=memory_efficient)
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64)
+    target = torch.randint(config["num_classes"], (shape[0],))
+    assert_lockstep(ours, theirs, x, target, steps, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("builder,shape", [("densenet121", (2, 3, 67, 71)), ("densenet161", (2, 3, 65, 65))])
+def test_presets_train_like_torchvision_float64(builder, shape):
+    torch.manual_seed(0)
+    ours = getattr(densenet_fused, builder)(num_classes=6).double()
+    theirs = getattr(torchvision.models, builder)(num_classes=6).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    target = torch.tensor([1, 4])
+    assert_lockstep(ours, theirs, x, target, steps=2, rtol=1e-8, atol=1e-9)
+
+
+def test_trains_like_torchvision_float32():
+    # float32 sums over ~2k values per channel and ~100 channels per GEMM: relative error ~1e-6 per op,
+    # compounded through a dozen BatchNorms; 1e-4 is a comfortable bound that a real bug (>1e-2) breaks.
+    ours, theirs = twins(dtype=torch.float32, **TINY)
+    x = torch.randn(2, 3, 35, 39)
+    target = torch.tensor([0, 3])
+    assert_lockstep(ours, theirs, x, target, steps=3, rtol=1e-4, atol=1e-4)
+
+
+def test_momentum_none_cumulative_average():
+    ours, theirs = twins(norm_kwargs=dict(momentum=None), **TINY)
+    x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
+    assert_lockstep(ours, theirs, x, torch.tensor([1, 2]), steps=3, rtol=1e-9, atol=1e-9)
+    assert int(ours.features.denseblock2.denselayer3.norm1.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize(
+    "norm_kwargs",
+    [dict(momentum=0.3, eps=1e-3), dict(affine=False), dict(track_running_stats=False)],
+    ids=["momentum_eps", "no_affine", "no_running_stats"],
+)
+def test_batchnorm_options(norm_kwargs):
+    ours, theirs = twins(norm_kwargs=norm_kwargs, **TINY)
+    x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
+    assert_lockstep(ours, theirs, x, torch.tensor([1, 2]), steps=2, rtol=1e-9, atol=1e-9)
+
+
+def test_dropout_matches_torchvision_and_backward_uses_the_forward_mask():
+    ours, theirs = twins(**{**TINY, "drop_rate": 0.4})
+    x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        out = ours(x)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        torch.manual_seed(100 + step)
+        out_t = theirs(x)
+        torch.nn.functional.cross_entropy(out_t, target).backward()
+        torch.testing.assert_close(out, out_t, rtol=1e-9, atol=1e-9)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-9)  # no dropout in eval
+
+
+def test_eval_mode_backward_matches_torchvision():
+    """Fine-tuning with frozen BatchNorm: eval-mode statistics, gradients still flow."""
+    ours, theirs = twins(**TINY)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
+    from twins import train_step
+
+    out, gx, grads = train_step(ours, x, torch.tensor([0, 1]))
+    out_t, gx_t, grads_t = train_step(theirs, x, torch.tensor([0, 1]))
+    torch.testing.assert_close(out, out_t, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gx, gx_t, rtol=1e-9, atol=1e-9)
+    for g, g_t in zip(grads, grads_t):
+        torch.testing.assert_close(g, g_t, rtol=1e-9, atol=1e-9)
+
+
+def test_batch_one_at_normal_size_trains_like_torchvision():
+    ours, theirs = twins(**TINY)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert_lockstep(ours, theirs, x, torch.tensor([2]), steps=2, rtol=1e-9, atol=1e-9)
+
+
+def test_channels_last_input_matches_contiguous():
+    model, _ = twins(**TINY)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
+    out = model(x)
+    out.sum().backward()
+    out_cl = twin(x.to(memory_format=torch.channels_last))
+    out_cl.sum().backward()
+    buf = twin.features.denseblock1(twin.features[:4](x.to(memory_format=torch.channels_last)))
+    assert buf.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out, rtol=1e-10, atol=1e-10)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)

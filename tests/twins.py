@@ -1,0 +1,65 @@
+"""Test helpers: a densenet_fused model and a torchvision twin with the same weights, stepped in lockstep."""
+
+import torch
+import torchvision
+
+import densenet_fused
+
+
+def twins(dtype=torch.float64, seed=0, norm_kwargs=None, **config):
+    """(ours, torchvision) built from the same config and holding the same weights.
+
+    ``norm_kwargs`` rebuilds every BatchNorm2d of both with those arguments (momentum, eps, affine, ...).
+    """
+    torch.manual_seed(seed)
+    ours = densenet_fused.DenseNet(**config)
+    theirs = torchvision.models.DenseNet(**{**config, "memory_efficient": False})
+    if norm_kwargs:
+        _replace_norms(ours, norm_kwargs), _replace_norms(theirs, norm_kwargs)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _replace_norms(model, norm_kwargs):
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, torch.nn.BatchNorm2d(child.num_features, **norm_kwargs))
+
+
+def train_step(model, x, target, lr=0.1):
+    """One SGD step on a cross-entropy loss; returns (output, input grad, param grads)."""
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, target)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+    return out.detach(), x.grad, grads
+
+
+def assert_close_tensors(actual, expected, rtol, atol, what=""):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def assert_lockstep(ours, theirs, x, target, steps, rtol, atol):
+    """Train both for ``steps`` SGD steps, comparing everything each step, then compare in eval."""
+    for step in range(steps):
+        out, gx, grads = train_step(ours, x, target)
+        out_t, gx_t, grads_t = train_step(theirs, x, target)
+        torch.testing.assert_close(out, out_t, rtol=rtol, atol=atol, msg=lambda m: f"step {step} output: {m}")
+        torch.testing.assert_close(gx, gx_t, rtol=rtol, atol=atol, msg=lambda m: f"step {step} input grad: {m}")
+        assert_close_tensors(grads, grads_t, rtol, atol, f"step {step} param grads")
+        assert_close_tensors(
+            list(ours.state_dict().values()), list(theirs.state_dict().values()), rtol, atol, f"step {step} state"
+        )
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=rtol, atol=atol)
+
