@@ -6,9 +6,9 @@ Conventions of every kernel:
 
 * A tensor [N, C, *spatial] is addressed as [N, C, D, H, W] through its own strides (``geometry``), so
   a channel prefix ``buf[:, :C]`` of an NCHW or channels-last buffer is read and written in place.
-* Per-channel vectors (mean, invstd, gamma, beta) and every accumulator are float32; inputs are
-  float32, float16 or bfloat16.  float64 runs the reference (it is a checking dtype, and Triton's
-  float64 dot is not supported on every GPU).
+* Per-channel vectors (mean, invstd, gamma, beta) and every accumulator use the accumulation dtype
+  (``ACC``): float64 for float64 input (fp64 dots, DMMA on sm80+), float32 for float32, float16 and
+  bfloat16.  Empty tensors and more than 3 spatial dims that cannot be merged run the reference.
 * Reductions over pixels are split in ``num_splits`` chunks whose partial results land in a small
   [splits, ...] tensor summed by torch afterwards: deterministic, no atomics.
 * fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (read at every launch) selects TF32.
@@ -23,12 +23,17 @@ import torch
 
 from ._backend import TRITON_AVAILABLE, _interpreting
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TF32_ENV = "DENSENET_FUSED_TF32"
 
 __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_DTYPES",
+    "acc_type",
     "autotune_configs",
     "device_guard",
     "common_geometry",
@@ -61,6 +66,11 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and os.environ.get(TF32_ENV, "0") == "1":
         return "tf32"
     return "ieee"
+
+
+def acc_type(dtype: torch.dtype):
+    """The Triton accumulation dtype (``ACC`` constexpr) for inputs of ``dtype``."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def runs_triton(*tensors: torch.Tensor) -> bool:
@@ -109,7 +119,9 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(other_programs: int, pixels: int, block: int, device: torch.device) -> tuple[int, int]:
+def num_splits(
+    other_programs: int, pixels: int, block: int, device: torch.device, max_splits: int | None = None
+) -> tuple[int, int]:
     """(splits, chunk): cut ``pixels`` into chunks (multiples of ``block``) so the grid fills the GPU.
 
     ``other_programs`` is the grid size over the non-reduced dims.  Aim at 4 programs per SM; each
@@ -120,7 +132,7 @@ def num_splits(other_programs: int, pixels: int, block: int, device: torch.devic
     else:
         target = 4
     blocks = math.ceil(pixels / block)
-    splits = max(1, min(blocks, math.ceil(target / max(other_programs, 1))))
+    splits = max(1, min(blocks, math.ceil(target / max(other_programs, 1)), max_splits or blocks))
     chunk = math.ceil(blocks / splits) * block
     return math.ceil(pixels / chunk), chunk
 
@@ -131,8 +143,6 @@ def device_guard(t: torch.Tensor):
 
 
 if TRITON_AVAILABLE:
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def pixel_coords(q, D, H, W):

@@ -97,6 +97,7 @@ bn_relu.register_autograd(_backward, setup_context=_setup_context)
 # second pass writes grad_x.  Partial sums land in [2, splits, C] and are summed by torch.
 
 from . import _triton as _tr  # noqa: E402
+from ._backend import acc_dtype, empty_like_layout  # noqa: E402
 
 if _tr.TRITON_AVAILABLE:
     import triton
@@ -108,7 +109,7 @@ if _tr.TRITON_AVAILABLE:
         C, Q, D, H, W,
         sxn, sxc, sxd, sxh, sxw,
         syn, syc, syd, syh, syw,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -119,7 +120,7 @@ if _tr.TRITON_AVAILABLE:
         scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
         shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
         x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
-        y = tl.maximum(x.to(tl.float32) * scale + shift, 0.0)
+        y = tl.maximum(x.to(ACC) * scale + shift, 0.0)
         y_ptrs = y_ptr + channels * syc + (n * syn + d * syd + h * syh + w * syw)[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -131,7 +132,7 @@ if _tr.TRITON_AVAILABLE:
         sxn, sxc, sxd, sxh, sxw,
         sgn, sgc, sgd, sgh, sgw,
         REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         pid_c = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -145,8 +146,8 @@ if _tr.TRITON_AVAILABLE:
         if TRAINING:
             c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
             c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sum_dy_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+        sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
         q_start = pid_s * chunk
         q_end = tl.minimum(q_start + chunk, Q)
         for q0 in range(q_start, q_end, BLOCK_Q):
@@ -154,9 +155,9 @@ if _tr.TRITON_AVAILABLE:
             mask = mask_c[:, None] & (offs_q < q_end)[None, :]
             n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
             x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
-            x = x.to(tl.float32)
+            x = x.to(ACC)
             gz = tl.load(gz_ptr + channels * szc + (n * szn + d * szd + h * szh + w * szw)[None, :], mask=mask, other=0.0)
-            da = tl.where(mask & (x * scale + shift > 0.0), gz.to(tl.float32), 0.0)
+            da = tl.where(mask & (x * scale + shift > 0.0), gz.to(ACC), 0.0)
             x_hat = (x - mean) * invstd
             if REDUCE:
                 sum_dy += tl.sum(da, axis=1)
@@ -174,31 +175,32 @@ if _tr.TRITON_AVAILABLE:
             tl.store(sums_ptr + (splits + pid_s) * C + offs_c, sum_dy_xhat, mask=mask_c)
 
 
-_ELEMENTWISE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 4}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
+_ELEMENTWISE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 8}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
 
 
-def folded_affine(mean, invstd, gamma, beta):
-    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous float32."""
-    scale = (gamma * invstd).float().contiguous()
-    shift = (beta - mean * (gamma * invstd)).float().contiguous()
+def folded_affine(mean, invstd, gamma, beta, dtype):
+    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous ``dtype``."""
+    scale = (gamma * invstd).to(dtype).contiguous()
+    shift = (beta - mean * (gamma * invstd)).to(dtype).contiguous()
     return scale, shift
 
 
 def bn_relu_triton(x, mean, invstd, gamma, beta):
-    """bn_relu with a Triton kernel; float64 and more than 3 spatial dims use the reference."""
+    """bn_relu with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
     out = empty_like_layout(x, x.size(1))
     found = _tr.common_geometry(x, out)
     if not _tr.runs_triton(x) or found is None:
         return bn_relu_reference(x, mean, invstd, gamma, beta)
     (d, h, w), (sx, sy) = found
     c, q = x.size(1), x.size(0) * d * h * w
-    scale, shift = folded_affine(mean, invstd, gamma, beta)
+    acc = acc_dtype(x.dtype)
+    scale, shift = folded_affine(mean, invstd, gamma, beta, acc)
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     grid = (triton.cdiv(q, config["BLOCK_Q"]), triton.cdiv(c, config["BLOCK_C"]))
     with _tr.device_guard(x):
         _bn_relu_kernel[grid](
             x, out, scale, shift, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy,
-            **config,
+            ACC=_tr.acc_type(x.dtype), **config,
         )
     return out
 
@@ -211,29 +213,30 @@ def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
         return bn_relu_backward_reference(grad_z, x, mean, invstd, gamma, beta, training)
     (d, h, w), (sz, sx, sg) = found
     c, q = x.size(1), x.size(0) * d * h * w
-    scale, shift = folded_affine(mean, invstd, gamma, beta)
-    mean32, invstd32 = mean.float().contiguous(), invstd.float().contiguous()
+    acc = acc_dtype(x.dtype)
+    scale, shift = folded_affine(mean, invstd, gamma, beta, acc)
+    mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
-    sums = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+    sums = torch.empty((2, splits, c), dtype=acc, device=x.device)
 
     def launch(c1, c2, reduce, apply, train):
         _bn_relu_backward_kernel[(c_blocks, splits)](
-            grad_z, x, mean32, invstd32, scale, shift, c1, c2, grad_x, sums,
+            grad_z, x, mean_acc, invstd_acc, scale, shift, c1, c2, grad_x, sums,
             c, q, chunk, d, h, w,
             grad_z.stride(0), grad_z.stride(1), *sz, x.stride(0), x.stride(1), *sx, grad_x.stride(0), grad_x.stride(1), *sg,
-            REDUCE=reduce, APPLY=apply, TRAINING=train, **config,
+            REDUCE=reduce, APPLY=apply, TRAINING=train, ACC=_tr.acc_type(x.dtype), **config,
         )  # fmt: skip
 
     with _tr.device_guard(x):
         if training:
             launch(scale, scale, True, False, False)
-            grad_beta, grad_gamma = sums.sum(1).unbind(0)
+            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
             launch(grad_beta / q, grad_gamma / q, False, True, True)
         else:
             launch(scale, scale, True, True, False)
-            grad_beta, grad_gamma = sums.sum(1).unbind(0)
+            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
     return grad_x, grad_gamma, grad_beta
 
 

@@ -107,3 +107,51 @@ def _backward(ctx, grad_y):
 
 
 bn_relu_pool_conv1x1.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1): the kernels of bn_relu_conv1x1.py with a
+# 2x2 (2^d) averaging window applied to each BN -> ReLU tile as it is loaded, before the GEMM.  The
+# input-gradient kernel also visits the row/column the floor cuts off (odd sizes) so grad_x is written
+# everywhere (in training those pixels still get the BatchNorm mean terms).
+
+from . import _triton as _tr  # noqa: E402
+from ._backend import empty_like_layout, is_channels_last  # noqa: E402
+from .bn_relu_conv1x1 import _triton_geometry_ok, conv1x1_backward_triton, conv1x1_forward_triton  # noqa: E402
+
+
+def _pooled_empty(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """[N, channels, *spatial // 2] in x's layout (channels-last exactly when x is)."""
+    n, pooled = x.size(0), [s // 2 for s in x.shape[2:]]
+    if not is_channels_last(x):
+        return torch.empty((n, channels, *pooled), dtype=x.dtype, device=x.device)
+    return torch.empty((n, *pooled, channels), dtype=x.dtype, device=x.device).movedim(-1, 1)
+
+
+def _pool_runs_triton(x, *others) -> bool:
+    """1 to 3 spatial dims of size >= 2 at least (the reference decides what smaller sizes mean)."""
+    return _triton_geometry_ok(x, *others) and 1 <= x.dim() - 2 <= 3 and min(x.shape[2:]) >= 2
+
+
+def bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
+    """Triton forward; spatial sizes below 2 and more than 3 spatial dims use the reference."""
+    if not _pool_runs_triton(x, weight):
+        return bn_relu_pool_conv1x1_reference(x, mean, invstd, gamma, beta, weight)
+    out = _pooled_empty(x, weight.size(0))
+    return conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool=True)
+
+
+def bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, training):
+    """Triton backward: (grad_x, grad_weight, grad_gamma, grad_beta), grad_x in x's layout."""
+    if not _pool_runs_triton(x, grad_y, weight):
+        return bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, training)
+    grad_x = empty_like_layout(x, x.size(1))
+    grad_weight, grad_gamma, grad_beta = conv1x1_backward_triton(
+        grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool=True, accumulate=False
+    )
+    return grad_x, grad_weight, grad_gamma, grad_beta
+
+
+if _tr.TRITON_AVAILABLE:
+    _IMPLS["triton"] = bn_relu_pool_conv1x1_triton
+    _BACKWARD_IMPLS["triton"] = bn_relu_pool_conv1x1_backward_triton

@@ -63,7 +63,7 @@ if _tr.TRITON_AVAILABLE:
         x_ptr, part_ptr,
         C, Q, chunk, D, H, W,
         sxn, sxc, sxd, sxh, sxw,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         pid_c = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -71,9 +71,9 @@ if _tr.TRITON_AVAILABLE:
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         rows = x_ptr + offs_c.to(tl.int64)[:, None] * sxc
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        count = tl.zeros([BLOCK_C], dtype=ACC)
         q_start = pid_s * chunk
         q_end = tl.minimum(q_start + chunk, Q)
         for q0 in range(q_start, q_end, BLOCK_Q):
@@ -81,8 +81,8 @@ if _tr.TRITON_AVAILABLE:
             mask_q = offs_q < q_end
             n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
             mask = mask_c[:, None] & mask_q[None, :]
-            x = tl.load(rows + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0).to(tl.float32)
-            tile_count = tl.minimum(q_end - q0, BLOCK_Q).to(tl.float32)
+            x = tl.load(rows + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0).to(ACC)
+            tile_count = tl.minimum(q_end - q0, BLOCK_Q).to(ACC)
             tile_mean = tl.sum(x, axis=1) / tile_count
             centered = tl.where(mask, x - tile_mean[:, None], 0.0)
             tile_m2 = tl.sum(centered * centered, axis=1)
@@ -95,11 +95,11 @@ if _tr.TRITON_AVAILABLE:
         tl.store(part_ptr + (splits + pid_s) * C + offs_c, m2, mask=mask_c)
 
 
-_STATS_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 4}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
+_STATS_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 8}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
 
 
 def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """channel_stats with a Triton kernel; float64 and shapes beyond 3 spatial dims use the reference."""
+    """channel_stats with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
     found = _tr.common_geometry(x)
     if not _tr.runs_triton(x) or found is None:
         return channel_stats_reference(x)
@@ -108,17 +108,18 @@ def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     config = _tr.pick_config(_STATS_CONFIG["gpu"], _STATS_CONFIG["interpreter"])
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
-    part = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+    acc = acc_dtype(x.dtype)
+    part = torch.empty((2, splits, c), dtype=acc, device=x.device)
     with _tr.device_guard(x):
         _channel_stats_kernel[(c_blocks, splits)](
-            x, part, c, q, chunk, d, h, w, x.stride(0), x.stride(1), *strides, **config
+            x, part, c, q, chunk, d, h, w, x.stride(0), x.stride(1), *strides, ACC=_tr.acc_type(x.dtype), **config
         )
     counts = (torch.arange(1, splits + 1, device=x.device) * chunk).clamp(max=q) - torch.arange(splits, device=x.device) * chunk
     counts = counts.to(torch.float64)[:, None]
     chunk_mean, chunk_m2 = part.to(torch.float64).unbind(0)
     mean = (counts * chunk_mean).sum(0) / q
     var = (chunk_m2.sum(0) + (counts * (chunk_mean - mean) ** 2).sum(0)) / q
-    return mean.to(torch.float32), var.to(torch.float32)
+    return mean.to(acc), var.to(acc)
 
 
 if _tr.TRITON_AVAILABLE:
