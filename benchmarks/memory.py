@@ -1,0 +1,372 @@
+"""How much activation memory one DenseNet training step needs: torchvision vs densenet_fused.
+
+Compares, with the same weights and input: torchvision memory_efficient=False (naive) and True
+(checkpointing), torch.compile(torchvision) where compiling is affordable, and densenet_fused with
+memory_efficient=True (recompute) and False (keep bottlenecks). It reports
+
+  * activation memory of one training step (forward + backward), exact on CPU (see _common.py),
+  * median step time, interleaved across implementations,
+  * the largest batch (and, for CIFAR-style nets, the largest depth) that fits in --budget MiB,
+
+for one main config, a depth sweep (DenseNet-BC k=12: memory quadratic vs linear in depth) and a
+batch sweep; then writes JSON, CSV and PNG plots to --out. torch.compile is in the main config only
+(every new shape recompiles).
+
+    python benchmarks/memory.py            # default: DenseNet-121, batch 16, 64x64, < 10 min on 2 CPU cores
+    python benchmarks/memory.py --quick    # a minute, for development
+    python benchmarks/memory.py --device cuda --size 224 --batch 64
+"""
+
+import _common as C  # first: it sets the OpenMP and profiler environment before torch loads
+
+import os
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+PRESETS = {
+    "quick": dict(
+        batch=8, size=32, repeats=5, budget=128, depths=(40, 100), depth_batch=16, max_depth=250, batches=(2, 4, 8, 16)
+    ),
+    "default": dict(
+        batch=16,
+        size=64,
+        repeats=5,
+        budget=256,
+        depths=(40, 100, 190, 250),
+        depth_batch=32,
+        max_depth=500,
+        batches=(2, 4, 8, 16, 32),
+    ),
+    "full": dict(
+        batch=16,
+        size=64,
+        repeats=10,
+        budget=1024,
+        depths=(40, 100, 190, 250, 400),
+        depth_batch=64,
+        max_depth=1000,
+        batches=(1, 2, 4, 8, 16, 32, 64, 128),
+    ),
+}
+DEPTH_SIZE = 32  # CIFAR resolution for the depth sweep
+ACCEPTANCE = {"fused_eff": 0.30, "fused_keep": 0.50}  # target activation ratios vs torchvision naive
+
+
+def mib(nbytes):
+    return None if nbytes is None else nbytes / C.MiB
+
+
+def fmt_mib(nbytes):
+    return "error" if nbytes is None else f"{nbytes / C.MiB:.1f}"
+
+
+class Measurer:
+    """Activation memory per (model, batch, size, implementation), measured once and cached.
+
+    Models of one architecture are built once (same weights for every implementation) and reused
+    for every batch size. A failing measurement is recorded (and printed at the end) as None, so one
+    failure does not stop the run.
+    """
+
+    def __init__(self, setup: C.Setup, progress=None):
+        self.setup, self.progress = setup, progress
+        self.models, self.cache, self.errors = {}, {}, []
+
+    def model(self, arch: C.Arch, key: str):
+        if (arch.name, key) not in self.models:
+            self.models.update({(arch.name, k): m for k, m in C.build_models(arch, [key], self.setup).items()})
+        return self.models[(arch.name, key)]
+
+    def drop(self, arch: C.Arch):
+        for name, key in list(self.models):
+            if name == arch.name:
+                del self.models[(name, key)]
+
+    def activation(self, arch: C.Arch, batch: int, size: int, key: str):
+        """Activation bytes of one step, or None (error recorded) when the implementation fails."""
+        cache_key = (arch.name, batch, size, key)
+        if cache_key not in self.cache:
+            try:
+                model = self.model(arch, key)
+                x, target = C.make_batch(arch, batch, size, self.setup)
+                warmup = key == "tv_compile" or self.setup.device.type == "cuda"
+                self.cache[cache_key] = C.activation_bytes(model, x, target, self.setup.amp, warmup=warmup)
+            except torch.OutOfMemoryError:  # on CUDA: does not fit, which a search expects
+                self.cache[cache_key] = None
+                torch.cuda.empty_cache()
+            except Exception as error:
+                self.cache[cache_key] = None
+                where = f"{C.IMPLS[key]} on {arch.name}, batch {batch}, {size}x{size}"
+                self.errors.append(f"{where}: {C.short_error(error)}")
+            if self.progress is not None:
+                self.progress.update(1)
+        return self.cache[cache_key]
+
+    def total(self, arch: C.Arch, batch: int, size: int, key: str):
+        """Everything one step holds at its peak: params, buffers, grads, the batch, activations."""
+        act = self.activation(arch, batch, size, key)
+        if act is None:
+            return float("inf")
+        x, target = C.make_batch(arch, batch, size, self.setup)
+        return C.held_bytes(self.model(arch, key), x, target) + act
+
+
+def bar(desc, total=None):
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def main_config(m: Measurer, arch, cfg, impls, setup):
+    """Activation memory and step time of every implementation, then the max batch under the budget."""
+    batch, size = cfg["batch"], cfg["size"]
+    results = {key: {} for key in impls}
+    if "tv_compile" in impls:  # the first call compiles: time it apart from the steps
+        x, target = C.make_batch(arch, batch, size, setup)
+        try:
+            results["tv_compile"]["compile_s"] = C.first_step(m.model(arch, "tv_compile"), x, target, setup.amp)
+        except Exception as error:
+            m.errors.append(f"{C.IMPLS['tv_compile']}: {C.short_error(error)}")
+    with bar("memory", len(impls)) as m.progress:
+        for key in impls:
+            results[key]["activation"] = m.activation(arch, batch, size, key)
+
+    ok = [key for key in impls if results[key]["activation"] is not None]
+    x, target = C.make_batch(arch, batch, size, setup)
+    steps = {key: partial(C.train_step, m.model(arch, key), x, target, setup.amp) for key in ok}
+    with bar("step time", cfg["repeats"] * len(ok)) as progress:
+        timings = C.time_steps(steps, cfg["repeats"], warmup=1, device=setup.device, progress=progress)
+    for key in ok:
+        results[key]["step_s"] = timings[key]["median"]
+        results[key]["step_times_s"] = timings[key]["times"]
+
+    budget = cfg["budget"] * C.MiB
+    with bar("max batch search") as m.progress:
+        for key in ok:
+            if key == "tv_compile":
+                continue  # every new batch size recompiles: not searched
+            known = {batch: m.total(arch, batch, size, key)}
+            found, _ = C.largest_fitting(lambda b: m.total(arch, b, size, key), budget, known, start=2)
+            results[key]["max_batch"] = found
+    m.progress = None
+    return results
+
+
+def depth_sweep(m: Measurer, cfg, impls):
+    """Activation memory of DenseNet-BC k=12 at each depth, then the largest depth within the budget."""
+    batch, depths = cfg["depth_batch"], cfg["depths"]
+    results = {key: {} for key in impls}
+    with bar("depth sweep", len(depths) * len(impls)) as m.progress:
+        for depth in depths:
+            arch = C.arch(f"bc{depth}")
+            for key in impls:
+                results[key][depth] = m.activation(arch, batch, DEPTH_SIZE, key)
+            m.drop(arch)
+
+    budget, cap = cfg["budget"] * C.MiB, (cfg["max_depth"] - 4) // 6
+    largest = {}
+
+    def total(key, n):
+        arch = C.arch(f"bc{C.bc_depth(n)}")
+        value = m.total(arch, batch, DEPTH_SIZE, key)
+        m.drop(arch)
+        return value
+
+    with bar("max depth search") as m.progress:
+        for key in impls:
+            known = {(d - 4) // 6: total(key, (d - 4) // 6) for d in depths}
+            if all(v == float("inf") for v in known.values()):
+                continue  # failed at every swept depth
+            n, capped = C.largest_fitting(partial(total, key), budget, known, start=1, cap=cap)
+            largest[key] = {"depth": C.bc_depth(n) if n else 0, "capped": capped}
+    m.progress = None
+    return results, largest
+
+
+def batch_sweep(m: Measurer, arch, cfg, impls):
+    results = {key: {} for key in impls}
+    with bar("batch sweep", len(cfg["batches"]) * len(impls)) as m.progress:
+        for batch in cfg["batches"]:
+            for key in impls:
+                results[key][batch] = m.activation(arch, batch, cfg["size"], key)
+    m.progress = None
+    return results
+
+
+def sweep_table(title, axis_name, axis, results, impls, extra_rows=()):
+    """Rows: one per axis value, then growth first -> last; columns: activation MiB (vs naive) per implementation."""
+    base = results.get(C.BASELINE, {})
+    rows = []
+    for value in axis:
+        row = [value]
+        for key in impls:
+            act = results[key].get(value)
+            row.append(f"{fmt_mib(act)} ({C.ratio(act, base.get(value))})" if act is not None else "error")
+        rows.append(row)
+    first, last = axis[0], axis[-1]
+    growth = [f"{last} vs {first}"]
+    for key in impls:
+        a, b = results[key].get(first), results[key].get(last)
+        growth.append(f"x{b / a:.1f}" if a and b else "-")
+    rows.append(growth)
+    rows.extend(extra_rows)
+    print(f"\n{title}")
+    print(C.table([axis_name] + [C.IMPLS[key] for key in impls], rows))
+
+
+def plot(path, title, xlabel, axis, results, impls, log=False):
+    """One line per implementation; ``log``: log-log axes (linear growth is then a slope-1 line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in impls:
+        points = [(v, mib(results[key].get(v))) for v in axis if results[key].get(v) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=C.IMPLS[key])
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        for axis_ in (ax.xaxis, ax.yaxis):
+            axis_.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis_.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("activation memory of one training step (MiB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_main(arch, cfg, setup, impls, main):
+    """The main table: activation memory, step time and max batch, each against torchvision naive."""
+    base = main[C.BASELINE]
+    rows = []
+    for key in impls:
+        r = main[key]
+        rows.append(
+            [
+                C.IMPLS[key],
+                fmt_mib(r.get("activation")),
+                C.ratio(r.get("activation"), base.get("activation")),
+                f"{r['step_s'] * 1e3:.0f}" if "step_s" in r else "-",
+                C.ratio(r.get("step_s"), base.get("step_s")),
+                r.get("max_batch", "-"),
+            ]
+        )
+    headers = ["implementation", "activation MiB", "vs naive", "step ms", "vs naive"]
+    headers.append(f"max batch <= {cfg['budget']:g} MiB")
+    print(
+        f"\n{arch.name}, batch {cfg['batch']}, {cfg['size']}x{cfg['size']}, {setup.describe()}: "
+        f"one training step (step time: median of {cfg['repeats']} interleaved steps)"
+    )
+    print(C.table(headers, rows))
+    if "compile_s" in main.get("tv_compile", {}):
+        print(C.compile_note(main["tv_compile"]["compile_s"]))
+    if (arch.name, cfg["batch"], cfg["size"]) == ("densenet121", 16, 64) and base.get("activation"):
+        checks = []
+        for key, target in ACCEPTANCE.items():
+            act = main[key].get("activation")
+            if act is not None:
+                r = act / base["activation"]
+                verdict = "met" if r <= target else "MISSED"
+                checks.append(f"{C.IMPLS[key]} {r:.3f}x (target <= {target:.2f}x: {verdict})")
+        print("  targets: " + "; ".join(checks))
+
+
+def report_depth(cfg, depth, largest, impls):
+    fits = [f"max <= {cfg['budget']:g} MiB"]
+    for key in impls:
+        d = largest.get(key)
+        fits.append("-" if d is None else f"{'>= ' if d['capped'] else ''}{d['depth']}")
+    sweep_table(
+        f"DenseNet-BC k=12 (torchvision's ImageNet stem), batch {cfg['depth_batch']}, {DEPTH_SIZE}x{DEPTH_SIZE}: "
+        "activation MiB (vs naive) by depth",
+        "depth",
+        list(cfg["depths"]),
+        depth,
+        impls,
+        extra_rows=[fits],
+    )
+    print(
+        f"  max: the largest depth whose step fits in {cfg['budget']:g} MiB "
+        f"(params + grads + batch + activations), searched up to {cfg['max_depth']}"
+    )
+
+
+def csv_rows(arch, cfg, impls, main, depth, by_batch):
+    """One row per (sweep, config, implementation), in long format."""
+    rows = []
+
+    def row(sweep, model, batch, size, key, act, base_act, **extra):
+        ratio = act / base_act if act and base_act else None
+        rows.append(
+            dict(sweep=sweep, model=model, batch=batch, size=size, impl=key, activation_mib=mib(act),
+                 activation_vs_naive=ratio, **extra)
+        )  # fmt: skip
+
+    base = main[C.BASELINE]
+    for key in impls:
+        r = main[key]
+        step, base_step = r.get("step_s"), base.get("step_s")
+        row("main", arch.name, cfg["batch"], cfg["size"], key, r.get("activation"), base.get("activation"),
+            step_ms=step * 1e3 if step else None, step_vs_naive=step / base_step if step and base_step else None,
+            max_batch=r.get("max_batch"), budget_mib=cfg["budget"])  # fmt: skip
+    for key in C.EAGER_IMPLS:
+        for d in cfg["depths"]:
+            row("depth", f"bc{d}", cfg["depth_batch"], DEPTH_SIZE, key, depth[key].get(d), depth[C.BASELINE].get(d))
+        for b in cfg["batches"]:
+            row("batch", arch.name, b, cfg["size"], key, by_batch[key].get(b), by_batch[C.BASELINE].get(b))
+    return rows
+
+
+def main():
+    args = C.parser(__doc__.splitlines()[0], budget=True).parse_args()
+    cfg = C.preset(args, PRESETS)
+    run = C.start_run(args, "densenet_fused memory benchmark")
+    setup, arch, impls = run.setup, run.arch, run.impls
+    check = C.self_check(setup.device)
+    print(check)
+
+    m = Measurer(setup)
+    main = main_config(m, arch, cfg, impls, setup)
+    report_main(arch, cfg, setup, impls, main)
+    depth, largest = depth_sweep(m, cfg, C.EAGER_IMPLS)
+    report_depth(cfg, depth, largest, C.EAGER_IMPLS)
+    by_batch = batch_sweep(m, arch, cfg, C.EAGER_IMPLS)
+    sweep_table(
+        f"{arch.name}, {cfg['size']}x{cfg['size']}: activation MiB (vs naive) by batch size",
+        "batch",
+        list(cfg["batches"]),
+        by_batch,
+        C.EAGER_IMPLS,
+    )
+    for error in dict.fromkeys(m.errors):
+        print(f"  failed: {error}")
+
+    plots = ("memory_vs_depth.png", "memory_vs_batch.png")
+    depth_title = f"DenseNet-BC k=12, batch {cfg['depth_batch']}, {DEPTH_SIZE}x{DEPTH_SIZE}, {setup.describe()}"
+    plot(os.path.join(args.out, plots[0]), depth_title, "depth", cfg["depths"], depth, C.EAGER_IMPLS)
+    batch_title = f"{arch.name}, {cfg['size']}x{cfg['size']}, {setup.describe()}"
+    plot(os.path.join(args.out, plots[1]), batch_title, "batch size", cfg["batches"], by_batch, C.EAGER_IMPLS, log=True)
+    data = {
+        "config": {**cfg, "model": arch.name, "impls": impls, "compile_skipped": run.skip_reason or None},
+        "self_check": check,
+        "main": main,
+        "depth_sweep": {"batch": cfg["depth_batch"], "size": DEPTH_SIZE, "activation": depth, "largest": largest},
+        "batch_sweep": {"size": cfg["size"], "activation": by_batch},
+        "errors": m.errors,
+    }
+    run.finish("memory", data, csv_rows(arch, cfg, impls, main, depth, by_batch), also=plots)
+
+
+if __name__ == "__main__":
+    main()
