@@ -1,6 +1,7 @@
 """DenseNet-BC models, drop-in for torchvision.models.densenet: same arguments, names, init and weights."""
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -8,8 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import densenet as tv
 
+from . import distributed
 from . import norm as bn
-from .block import _DenseBlock, _Transition
+from .block import _DenseBlock, _Transition, layer_types
+
+_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
 class DenseNet(nn.Module):
@@ -27,6 +32,9 @@ class DenseNet(nn.Module):
         num_classes (int) - number of classification classes
         memory_efficient (bool) - If True (default), recompute each layer's BN-ReLU-Conv1x1 in backward;
           if False, keep the bottleneck outputs, trading memory for speed.
+        spatial_dims (int, keyword-only) - 1, 2 (default) or 3: Conv1d/2d/3d, BatchNorm1d/2d/3d and pooling
+          of that rank, for inputs [N, C, L], [N, C, H, W] or [N, C, D, H, W]
+        in_channels (int, keyword-only) - channels of the input (3 by default, as in torchvision)
     """
 
     def __init__(
@@ -38,17 +46,23 @@ class DenseNet(nn.Module):
         drop_rate: float = 0,
         num_classes: int = 1000,
         memory_efficient: bool = True,
+        *,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
+        types = layer_types(spatial_dims)
+        self.spatial_dims = spatial_dims
 
         # First convolution
+        conv0 = types.conv(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)
         self.features = nn.Sequential(
             OrderedDict(
                 [
-                    ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                    ("norm0", nn.BatchNorm2d(num_init_features)),
+                    ("conv0", conv0),
+                    ("norm0", types.norm(num_init_features)),
                     ("relu0", nn.ReLU(inplace=True)),
-                    ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                    ("pool0", types.max_pool(kernel_size=3, stride=2, padding=1)),
                 ]
             )
         )
@@ -63,44 +77,82 @@ class DenseNet(nn.Module):
                 growth_rate=growth_rate,
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
+                spatial_dims=spatial_dims,
             )
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
-                trans = _Transition(num_input_features=num_features, num_output_features=num_features // 2)
+                trans = _Transition(num_features, num_features // 2, spatial_dims=spatial_dims)
                 self.features.add_module("transition%d" % (i + 1), trans)
                 num_features = num_features // 2
 
         # Final batch norm
-        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.features.add_module("norm5", types.norm(num_features))
 
         # Linear layer
         self.classifier = nn.Linear(num_features, num_classes)
 
         # Official init from torch repo.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, types.conv):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, types.norm):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
+    @classmethod
+    def from_monai_config(
+        cls,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        bn_size: int = 4,
+        act: str | tuple = ("relu", {"inplace": True}),
+        norm: str | tuple = "batch",
+        dropout_prob: float = 0.0,
+        memory_efficient: bool = True,
+    ) -> "DenseNet":
+        """The network ``monai.networks.nets.DenseNet`` builds from these arguments (MONAI's names and defaults).
+
+        Same layers, initialization and numerics; module names and state_dict keys are torchvision's.  Only
+        MONAI's default activation (ReLU) and norm (plain batch norm) exist in the fused blocks.
+        """
+        act_name, _ = _monai_layer_spec(act)
+        norm_name, norm_args = _monai_layer_spec(norm)
+        if act_name != "relu" or norm_name != "batch" or norm_args:
+            raise ValueError(f"fused dense blocks need act='relu' and norm='batch', got act={act!r}, norm={norm!r}")
+        return cls(
+            growth_rate=growth_rate,
+            block_config=tuple(block_config),
+            num_init_features=init_features,
+            bn_size=bn_size,
+            drop_rate=dropout_prob,
+            num_classes=out_channels,
+            memory_efficient=memory_efficient,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         features = self.features(x)
         out = F.relu(features, inplace=True)
-        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = _ADAPTIVE_AVG_POOL[self.spatial_dims](out, 1)
         out = torch.flatten(out, 1)
         out = self.classifier(out)
         return out
 
     def _check_input(self, x: Tensor) -> None:
         """Reject input the network cannot take before any layer runs (so no running stat moves)."""
-        conv0 = self.features.conv0
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"DenseNet expects a 4-D input [N, 3, H, W], got {getattr(x, 'shape', type(x))}")
+        conv0, rank = self.features.conv0, self.spatial_dims + 2
+        if not isinstance(x, Tensor) or x.dim() != rank:
+            expected = f"[N, {conv0.in_channels}, {_SPATIAL_NAMES[self.spatial_dims]}]"
+            raise ValueError(f"DenseNet expects a {rank}-D input {expected}, got {getattr(x, 'shape', type(x))}")
         if x.size(1) != conv0.in_channels:
             raise ValueError(f"DenseNet expects {conv0.in_channels} input channels, got {x.size(1)}")
         if not x.is_floating_point():
@@ -109,18 +161,26 @@ class DenseNet(nn.Module):
             raise RuntimeError(f"DenseNet: input is on {x.device} but the parameters are on {conv0.weight.device}")
         if x.size(0) == 0:
             raise ValueError(f"DenseNet got an empty batch (input shape {tuple(x.shape)})")
-        size = [(s - 1) // 2 + 1 for s in x.shape[2:]]  # conv0: 7x7, stride 2, padding 3
+        size = [(s - 1) // 2 + 1 for s in x.shape[2:]]  # conv0: 7, stride 2, padding 3
         for name, module in self.features.named_children():
             if name == "pool0":
-                size = [(s - 1) // 2 + 1 for s in size]  # 3x3, stride 2, padding 1
+                size = [(s - 1) // 2 + 1 for s in size]  # 3, stride 2, padding 1
                 continue
             for norm in module.modules():
-                if isinstance(norm, nn.BatchNorm2d) and bn.uses_batch_stats(norm):
+                batch_norm = isinstance(norm, nn.modules.batchnorm._BatchNorm) and bn.uses_batch_stats(norm)
+                if batch_norm and distributed.sync_group(norm) is None:
                     bn.check_batch_size(torch.Size([x.size(0), norm.num_features, *size]))
             if isinstance(module, _Transition):
                 if min(size) < 2:
-                    raise ValueError(f"DenseNet input {tuple(x.shape)} is too small: {name} sees {size[0]}x{size[1]}")
+                    sees = "x".join(map(str, size))
+                    raise ValueError(f"DenseNet input {tuple(x.shape)} is too small: {name} sees {sees}")
                 size = [s // 2 for s in size]
+
+
+def _monai_layer_spec(spec: str | tuple) -> tuple[str, dict]:
+    """MONAI's layer spec ``name`` or ``(name, kwargs)`` as (lower-case name, kwargs)."""
+    name, kwargs = (spec, {}) if isinstance(spec, str) else spec
+    return name.lower(), dict(kwargs)
 
 
 def _densenet(

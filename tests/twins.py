@@ -28,6 +28,15 @@ def _replace_norms(model, norm_kwargs):
                 setattr(module, name, torch.nn.BatchNorm2d(child.num_features, **norm_kwargs))
 
 
+def randomize_affine(model):
+    """Non-trivial BatchNorm weights and biases (uniform around 1 and 0), so their gradients are checked too."""
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.affine:
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    return model
+
+
 def train_step(model, x, target, lr=0.1):
     """One SGD step on a cross-entropy loss; returns (output, input grad, param grads)."""
     x = x.clone().requires_grad_()
@@ -48,11 +57,18 @@ def assert_close_tensors(actual, expected, rtol, atol, what=""):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
 
 
-def assert_lockstep(ours, theirs, x, target, steps, rtol, atol):
-    """Train both for ``steps`` SGD steps, comparing everything each step, then compare in eval."""
+def assert_lockstep(ours, theirs, x, target, steps, rtol, atol, seed=None):
+    """Train both for ``steps`` SGD steps, comparing everything each step, then compare in eval.
+
+    With a ``seed``, both steps start from the same RNG state (the same dropout masks).
+    """
     for step in range(steps):
-        out, gx, grads = train_step(ours, x, target)
-        out_t, gx_t, grads_t = train_step(theirs, x, target)
+        results = []
+        for model in (ours, theirs):
+            if seed is not None:
+                torch.manual_seed(seed + step)
+            results.append(train_step(model, x, target))
+        (out, gx, grads), (out_t, gx_t, grads_t) = results
         torch.testing.assert_close(out, out_t, rtol=rtol, atol=atol, msg=lambda m: f"step {step} output: {m}")
         torch.testing.assert_close(gx, gx_t, rtol=rtol, atol=atol, msg=lambda m: f"step {step} input grad: {m}")
         assert_close_tensors(grads, grads_t, rtol, atol, f"step {step} param grads")

@@ -1,0 +1,113 @@
+"""torch.compile: blocks and transitions trace into one graph (fullgraph=True), with the fused primitives as
+opaque custom ops (fake impls for tracing, the in-place gradient-buffer update functionalized), and train
+exactly like eager.  aot_eager runs the traced graphs with eager kernels; one test goes through inductor."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from twins import assert_lockstep, twins
+
+import densenet_fused
+
+TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _recording_aot_eager(graphs: list):
+    """aot_eager that also keeps the code of the forward and backward graphs it compiles."""
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def test_compiled_model_trains_like_torchvision():
+    ours, theirs = twins(**TINY)
+    graphs = []
+    compiled = torch.compile(ours, backend=_recording_aot_eager(graphs), fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert_lockstep(compiled, theirs, x, torch.tensor([1, 3]), steps=2, rtol=1e-9, atol=1e-9)
+    forward, backward = graphs[:2]
+    for op in ("channel_stats", "bn_relu_conv1x1", "bn_relu", "bn_relu_pool_conv1x1"):
+        assert f"densenet_fused.{op}.default" in forward, op
+    assert "densenet_fused.bn_relu_conv1x1_backward.default" in backward  # the grad_buffer update, functionalized
+    assert "densenet_fused.bn_relu_pool_conv1x1_backward.default" in backward
+
+
+def test_compiled_dropout_matches_torchvision():
+    """Dropout inside the block traces too, and its backward reuses the forward's mask."""
+    ours, theirs = twins(**{**TINY, "drop_rate": 0.4})
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for step in range(2):
+        outputs = []
+        for model in (compiled, theirs):
+            torch.manual_seed(100 + step)
+            out = model(x)
+            out.square().sum().backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_cumulative_average_running_stats_do_not_break_the_graph():
+    """momentum=None updates the running stats with 1 / num_batches_tracked as a tensor: still one graph."""
+    torch.manual_seed(0)
+    block = densenet_fused.DenseBlock(2, 4, 2, 3, 0.0, spatial_dims=2).double()
+    for norm in block.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.momentum = None
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for step in range(3):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64) + step
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(block.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert int(block.denselayer2.norm1.num_batches_tracked) == 3
+
+
+def test_compiled_model_under_autocast_and_channels_last_matches_eager():
+    ours, _ = twins(dtype=torch.float32, **TINY)
+    eager = copy.deepcopy(ours)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    results = []
+    for model in (compiled, eager):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        results.append(out)
+    assert results[0].dtype == torch.bfloat16
+    torch.testing.assert_close(results[0], results[1], rtol=1e-2, atol=1e-2)
+    for p, q in zip(ours.parameters(), eager.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_inductor_block_forward_and_backward():
+    torch.manual_seed(0)
+    block = densenet_fused.DenseBlock(2, 4, 2, 3, 0.0)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="inductor", fullgraph=True)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_()
+    out, out_eager = compiled(x), eager(x_eager)
+    out.square().sum().backward()
+    out_eager.square().sum().backward()
+    torch.testing.assert_close(out, out_eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
+    for p, q in zip(block.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
