@@ -120,9 +120,11 @@ def test_transition_against_torchvision(size, training):
         torch.testing.assert_close(g, e.reshape(g.shape), rtol=1e-10, atol=1e-10)
 
 
-def test_opcheck_public_ops_on_reference(monkeypatch):
+@pytest.mark.parametrize("shape,channels_last", [((2, 5, 4, 3), False), ((2, 5, 4, 3), True), ((2, 5, 4, 2, 3), True)])
+def test_opcheck_public_ops_on_reference(monkeypatch, shape, channels_last):
+    """opcheck also compares the fakes' strides with the real outputs', layout included."""
     monkeypatch.setenv("DENSENET_FUSED_BACKEND", "reference")
-    x, gamma, beta = _inputs((2, 5, 4, 3))
+    x, gamma, beta = _inputs(shape, channels_last)
     mean, _, invstd = _stats(x, True)
     weight = torch.randn(4, 5, dtype=torch.float64)
     leaf = x.clone().requires_grad_()
@@ -130,8 +132,8 @@ def test_opcheck_public_ops_on_reference(monkeypatch):
     torch.library.opcheck(ops.bn_relu, (leaf, mean, invstd, gamma, beta, True))
     torch.library.opcheck(ops.bn_relu_conv1x1, (leaf, mean, invstd, gamma, beta, weight, True))
     torch.library.opcheck(ops.bn_relu_pool_conv1x1, (leaf, mean, invstd, gamma, beta, weight, True))
-    grad_y = torch.randn(2, 4, 4, 3, dtype=torch.float64)
-    grad_buffer = torch.zeros(2, 7, 4, 3, dtype=torch.float64)
+    grad_y = torch.randn(2, 4, *shape[2:], dtype=torch.float64)
+    grad_buffer = torch.zeros(2, 7, *shape[2:], dtype=torch.float64)
     torch.library.opcheck(ops.bn_relu_conv1x1_backward, (grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, True))
 
 

@@ -93,11 +93,19 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and x.stride(1) == 1 and math.prod(x.shape[2:]) > 1
 
 
-def empty_like_layout(x: torch.Tensor, channels: int, dtype=None) -> torch.Tensor:
-    """An empty [N, channels, *spatial] tensor, channels-last exactly when ``x`` is (any spatial rank)."""
-    n, spatial = x.size(0), x.shape[2:]
+def empty_like_layout(x: torch.Tensor, channels: int, dtype=None, spatial=None) -> torch.Tensor:
+    """An empty [N, channels, *spatial] tensor (x's spatial size by default), channels-last exactly when
+    ``x`` is (any spatial rank).  Kernels, references and fakes all allocate outputs through it."""
+    n, spatial = x.size(0), x.shape[2:] if spatial is None else spatial
     dtype = dtype or x.dtype
     if not is_channels_last(x):
         return torch.empty((n, channels, *spatial), dtype=dtype, device=x.device)
     out = torch.empty((n, *spatial, channels), dtype=dtype, device=x.device)
     return out.movedim(-1, 1)
+
+
+def to_layout_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out channels-last exactly when ``x`` is; copies only when it is not already."""
+    if is_channels_last(t) == is_channels_last(x):
+        return t
+    return empty_like_layout(x, t.size(1), t.dtype, t.shape[2:]).copy_(t)

@@ -7,7 +7,8 @@ gradient that flows through them (the train-mode BatchNorm formula); otherwise t
 
 import torch
 
-from ._backend import backend_for, broadcast, implementations
+from . import _triton as _tr
+from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations
 
 
 def normalize(x, mean, invstd):
@@ -62,11 +63,11 @@ def bn_relu_backward(
 
 
 def _fake(x, mean, invstd, gamma, beta, training=False):
-    return torch.empty_like(x)
+    return empty_like_layout(x, x.size(1))
 
 
 def _fake_backward(grad_z, x, mean, invstd, gamma, beta, training):
-    return torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(beta)
+    return empty_like_layout(x, x.size(1)), torch.empty_like(gamma), torch.empty_like(beta)
 
 
 _IMPLS = implementations(bn_relu_reference, "bn_relu_cpp", _fake)
@@ -96,8 +97,6 @@ bn_relu.register_autograd(_backward, setup_context=_setup_context)
 # first pass forms the per-channel sums (sum dA, sum dA * x_hat) the BatchNorm backward needs and a
 # second pass writes grad_x.  Partial sums land in [2, splits, C] and are summed by torch.
 
-from . import _triton as _tr  # noqa: E402
-from ._backend import acc_dtype, empty_like_layout  # noqa: E402
 
 if _tr.TRITON_AVAILABLE:
     import triton

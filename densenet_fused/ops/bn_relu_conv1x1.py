@@ -7,8 +7,9 @@ Forward: ``y = W @ relu(gamma * (x - mean) * invstd + beta)`` per pixel, with x 
 
 import torch
 
-from ._backend import backend_for, broadcast, implementations, is_channels_last
-from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
+from . import _triton as _tr
+from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations, is_channels_last
+from .bn_relu import batch_norm_backward, bn_relu_reference, folded_affine, normalize
 
 
 def matmul_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,7 @@ def bn_relu_conv1x1_backward(
 
 
 def _fake(x, mean, invstd, gamma, beta, weight, training=False):
-    n, _, *spatial = x.shape
-    return x.new_empty((n, weight.size(0), *spatial))
+    return empty_like_layout(x, weight.size(0))
 
 
 def _fake_backward(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
@@ -121,9 +121,6 @@ bn_relu_conv1x1.register_autograd(_backward, setup_context=_setup_context)
 # fp32 inputs use IEEE fp32 dots unless DENSENET_FUSED_TF32=1; fp16/bf16 tiles feed the tensor cores
 # directly (Z is rounded to the input dtype before the dot, as the reference rounds its activation).
 
-from . import _triton as _tr  # noqa: E402
-from ._backend import acc_dtype, empty_like_layout  # noqa: E402
-from .bn_relu import folded_affine  # noqa: E402
 
 if _tr.TRITON_AVAILABLE:
     import triton

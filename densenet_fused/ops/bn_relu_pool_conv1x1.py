@@ -7,9 +7,10 @@ fewer GEMM FLOPs (2^d fewer in d spatial dims).  Backward recomputes the activat
 import torch
 import torch.nn.functional as F
 
-from ._backend import backend_for, broadcast, implementations
+from . import _triton as _tr
+from ._backend import backend_for, broadcast, empty_like_layout, implementations, is_channels_last, to_layout_of
 from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
-from .bn_relu_conv1x1 import matmul_channels
+from .bn_relu_conv1x1 import _triton_geometry_ok, conv1x1_backward_triton, conv1x1_forward_triton, matmul_channels
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -31,7 +32,8 @@ def avg_pool2x_backward(grad_pooled: torch.Tensor, spatial) -> torch.Tensor:
 
 
 def bn_relu_pool_conv1x1_reference(x, mean, invstd, gamma, beta, weight):
-    return matmul_channels(weight, avg_pool2x(bn_relu_reference(x, mean, invstd, gamma, beta)))
+    pooled = avg_pool2x(bn_relu_reference(x, mean, invstd, gamma, beta))
+    return to_layout_of(matmul_channels(weight, pooled), x)  # CPU avg_pool3d drops channels_last_3d
 
 
 def bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, training):
@@ -42,7 +44,7 @@ def bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta
     grad_weight = torch.einsum("nbs,ncs->bc", grad_y.flatten(2), pooled.flatten(2))
     grad_z = avg_pool2x_backward(matmul_channels(weight.mT.to(z.dtype), grad_y), x.shape[2:])
     grad_x, grad_gamma, grad_beta = batch_norm_backward(grad_z * (z > 0), x_hat, invstd, gamma, training)
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_gamma, grad_beta
+    return to_layout_of(grad_x.to(x.dtype), x), grad_weight.to(weight.dtype), grad_gamma, grad_beta
 
 
 @torch.library.custom_op("densenet_fused::bn_relu_pool_conv1x1", mutates_args=())
@@ -76,12 +78,11 @@ def bn_relu_pool_conv1x1_backward(
 
 
 def _fake(x, mean, invstd, gamma, beta, weight, training=False):
-    n, _, *spatial = x.shape
-    return x.new_empty((n, weight.size(0), *[s // 2 for s in spatial]))
+    return empty_like_layout(x, weight.size(0), spatial=[s // 2 for s in x.shape[2:]])
 
 
 def _fake_backward(grad_y, x, mean, invstd, gamma, beta, weight, training):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta)
+    return empty_like_layout(x, x.size(1)), torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta)
 
 
 _IMPLS = implementations(bn_relu_pool_conv1x1_reference, "bn_relu_pool_conv1x1_cpp", _fake)
@@ -115,9 +116,6 @@ bn_relu_pool_conv1x1.register_autograd(_backward, setup_context=_setup_context)
 # input-gradient kernel also visits the row/column the floor cuts off (odd sizes) so grad_x is written
 # everywhere (in training those pixels still get the BatchNorm mean terms).
 
-from . import _triton as _tr  # noqa: E402
-from ._backend import empty_like_layout, is_channels_last  # noqa: E402
-from .bn_relu_conv1x1 import _triton_geometry_ok, conv1x1_backward_triton, conv1x1_forward_triton  # noqa: E402
 
 
 def _pooled_empty(x: torch.Tensor, channels: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ norm1 reuses them: a channel's data never changes after it is written.
 
 import torch
 
+from . import _triton as _tr
 from ._backend import acc_dtype, backend_for, broadcast, implementations
 
 
@@ -52,7 +53,6 @@ channel_stats.register_autograd(_backward, setup_context=_setup_context)
 # one chunk of pixels; it merges per-tile (mean, M2) pairs with Chan's formula, and torch merges the
 # chunks' partials in float64.  Shifting by each tile's own mean keeps fp32 accurate for any offset.
 
-from . import _triton as _tr  # noqa: E402
 
 if _tr.TRITON_AVAILABLE:
     import triton
