@@ -1,0 +1,407 @@
+// The fused BN -> ReLU -> 1x1 conv of a dense layer, read in place from the block's feature buffer.
+//
+// bn_relu_conv1x1_cpp: y[n] = weight @ relu(bn(x[n])) for x = buf[:, :C] (any strides: NCHW or
+// channels-last).  The pixels are cut into tiles; each thread normalizes one tile into a cache-sized
+// buffer and multiplies it by the weight with BLAS (at::mm_out) straight into the output, so the
+// normalized input never exists as a C x N*HW tensor.
+//
+// bn_relu_conv1x1_backward_cpp: the same tiles again: Z = relu(bn(x)) is recomputed per tile,
+// grad_weight += dY Z^T, dZ = W^T dY, g = dZ * (bn(x) > 0); one pass gives the per-channel sums of g and
+// g * x_hat and adds gamma * invstd * g into grad_buffer[:, :C].  In training mode a second,
+// GEMM-free pass subtracts gamma * invstd * (mean(g) + x_hat * mean(g * x_hat)).  (16-bit dtypes
+// instead recompute dZ in the second pass, so grad_buffer is rounded once, as the reference does.)
+#include "cpu_common.h"
+
+namespace densenet_fused {
+namespace cpu {
+namespace {
+
+// z[c * ldz + j] = relu(bn(x)) for the tile's pixels (channels-first x).
+template <typename scalar_t, typename out_t>
+void fill_cf(const View3<const scalar_t>& x, const BN<acc_type<scalar_t>>& bn, const std::vector<Segment>& segs,
+             out_t* z, int64_t ldz) {
+  for (int64_t c = 0; c < x.C; ++c) {
+    out_t* zr = z + c * ldz;
+    for (const Segment& seg : segs) {
+      fill_run(x.data + seg.n * x.sN + c * x.sC + seg.s, zr + seg.j, seg.len, bn.mean[c], bn.invstd[c], bn.gamma[c],
+               bn.beta[c]);
+    }
+  }
+}
+
+// z[j * ldz + c] = relu(bn(x)) for the tile's pixels g0 .. g1-1 (channels-last x).
+template <typename scalar_t, typename out_t>
+void fill_cl(const View3<const scalar_t>& x, const BN<acc_type<scalar_t>>& bn, int64_t g0, int64_t g1, out_t* z,
+             int64_t ldz) {
+  int64_t n = g0 / x.S, s = g0 % x.S;
+  for (int64_t j = 0; j < g1 - g0; ++j) {
+    fill_row(x.data + n * x.sN + s * x.sS, z + j * ldz, x.C, bn.mean, bn.invstd, bn.gamma, bn.beta);
+    if (++s == x.S) s = 0, ++n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward.
+
+at::Tensor bn_relu_conv1x1_cpp(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                               const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& weight) {
+  constexpr const char* op = "bn_relu_conv1x1_cpp";
+  check_input(x_in, op);
+  check_bn(x_in, mean, invstd, gamma, beta, op);
+  check_weight(weight, x_in, op);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = in_layout(x_in, cl);
+  const int64_t N = x.size(0), C = x.size(1), S = spatial_numel(x), P = N * S, B = weight.size(0);
+  at::Tensor y = empty_layout(N, B, x.sizes().slice(2), cl, x.options());
+  if (P == 0 || B == 0) return y;
+  if (C == 0) return y.zero_();
+  const at::Tensor w = weight.contiguous();
+  const auto m = mean.contiguous(), is = invstd.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  // y's storage: [P, B] rows (channels-last) or [N, B, S] (channels-first).
+  const at::Tensor y_rows = cl ? y.movedim(1, -1).reshape({P, B}) : at::Tensor();
+  const at::Tensor y3 = cl ? at::Tensor() : y.view({N, B, S});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_params<acc_t>(m, is, g, b);
+    const auto xv = view3<const scalar_t>(x);
+    const Tiling tiling = plan_tiles(P, C * static_cast<int64_t>(sizeof(scalar_t)), tile_bytes());
+    const int64_t T = tiling.tile;
+    at::parallel_for(0, tiling.ntiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS is per thread
+      at::Tensor zbuf = cl ? at::empty({T, C}, x.options()) : at::empty({C, T}, x.options());
+      at::Tensor ybuf;  // channels-first tiles spanning several samples: GEMM here, then scatter
+      std::vector<Segment> segs;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g0 = t * T, g1 = std::min(P, g0 + T), len = g1 - g0;
+        if (cl) {
+          fill_cl<scalar_t, scalar_t>(xv, bn, g0, g1, zbuf.data_ptr<scalar_t>(), C);
+          at::Tensor out = y_rows.narrow(0, g0, len);
+          at::mm_out(out, zbuf.narrow(0, 0, len), w.t());
+          continue;
+        }
+        tile_segments(g0, g1, S, segs);
+        fill_cf<scalar_t, scalar_t>(xv, bn, segs, zbuf.data_ptr<scalar_t>(), T);
+        const at::Tensor z = zbuf.narrow(1, 0, len);
+        if (segs.size() == 1) {
+          at::Tensor out = y3.select(0, segs[0].n).narrow(1, segs[0].s, len);
+          at::mm_out(out, w, z);
+          continue;
+        }
+        if (!ybuf.defined()) ybuf = at::empty({B, T}, x.options());
+        at::Tensor out = ybuf.narrow(1, 0, len);
+        at::mm_out(out, w, z);
+        const scalar_t* src = ybuf.data_ptr<scalar_t>();
+        scalar_t* dst = y3.data_ptr<scalar_t>();
+        for (const Segment& seg : segs) {
+          for (int64_t bb = 0; bb < B; ++bb) {
+            std::copy(src + bb * T + seg.j, src + bb * T + seg.j + seg.len, dst + (seg.n * B + bb) * S + seg.s);
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+// The part of the backward shared by both layouts' tile loops.
+template <typename scalar_t>
+struct BackwardTiles {
+  using acc_t = acc_type<scalar_t>;
+  View3<const scalar_t> x;
+  View3<const scalar_t> dy;
+  View3<scalar_t> gb;  // grad_buffer[:, :C]
+  BN<acc_t> bn;
+  bool cl;
+  at::Tensor dy_tensor;  // grad_y (for zero-copy tile views)
+  at::Tensor w_acc;      // [B, C] in acc_t
+  const acc_t* k;        // gamma * invstd
+  const acc_t* mg;       // mean(g)         (pass 2 of 16-bit training only)
+  const acc_t* mgx;      // mean(g * x_hat) (pass 2 of 16-bit training only)
+  int64_t T;
+
+  // dY of the tile as an acc_t matrix: [B, len] (channels-first) or [len, B] (channels-last); a
+  // view of grad_y when possible, else gathered into buf.
+  at::Tensor dy_tile(int64_t g0, int64_t g1, const std::vector<Segment>& segs, at::Tensor& buf) const {
+    const int64_t len = g1 - g0, B = dy.C, S = dy.S;
+    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+    if (!cl) {
+      if (same && segs.size() == 1) {
+        return dy_tensor.select(0, segs[0].n).flatten(1).narrow(1, segs[0].s, len);
+      }
+      if (!buf.defined()) buf = at::empty({B, T}, w_acc.options());
+      acc_t* d = buf.data_ptr<acc_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (const Segment& seg : segs) {
+          const scalar_t* src = dy.data + seg.n * dy.sN + b * dy.sC + seg.s;
+          acc_t* dst = d + b * T + seg.j;
+          for (int64_t i = 0; i < seg.len; ++i) dst[i] = static_cast<acc_t>(src[i]);
+        }
+      }
+      return buf.narrow(1, 0, len);
+    }
+    if (same && dy.sN == S * dy.sS) {  // uniformly strided pixel rows
+      return dy_tensor.as_strided({len, B}, {dy.sS, 1}, dy_tensor.storage_offset() + g0 * dy.sS);
+    }
+    if (!buf.defined()) buf = at::empty({T, B}, w_acc.options());
+    acc_t* d = buf.data_ptr<acc_t>();
+    int64_t n = g0 / S, s = g0 % S;
+    for (int64_t j = 0; j < len; ++j) {
+      const scalar_t* src = dy.data + n * dy.sN + s * dy.sS;
+      for (int64_t b = 0; b < B; ++b) d[j * B + b] = static_cast<acc_t>(src[b]);
+      if (++s == S) s = 0, ++n;
+    }
+    return buf.narrow(0, 0, len);
+  }
+
+  // Elementwise part of a tile, channels-first: dz [C, ld] holds W^T dY.  SUMS adds sum g and
+  // sum g * x_hat into sums[c], sums[C + c]; WRITE adds k * g (pass 1) or k * (g - mg - x_hat * mgx)
+  // (PASS2) into the gradient.
+  template <bool SUMS, bool WRITE, bool PASS2>
+  void elementwise_cf(const std::vector<Segment>& segs, const acc_t* dz, int64_t ld, double* sums) const {
+    const int64_t C = x.C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t p[7] = {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], k[c], PASS2 ? mg[c] : acc_t(0),
+                          PASS2 ? mgx[c] : acc_t(0)};
+      const acc_t* dzr = dz + c * ld;
+      acc_t lg[kLanes] = {0}, lgx[kLanes] = {0};
+      constexpr GradMode mode = WRITE ? (PASS2 ? GradMode::kAddFull : GradMode::kAddLocal) : GradMode::kNone;
+      for (const Segment& seg : segs) {
+        bn_relu_backward_run<scalar_t, SUMS, mode>(x.data + seg.n * x.sN + c * x.sC + seg.s,
+                                                   gb.data + seg.n * gb.sN + c * gb.sC + seg.s, dzr + seg.j, seg.len, p,
+                                                   lg, lgx);
+      }
+      if constexpr (SUMS) {
+        double sg = 0, sgx = 0;
+        for (int u = 0; u < kLanes; ++u) sg += lg[u], sgx += lgx[u];
+        sums[c] += sg;
+        sums[C + c] += sgx;
+      }
+    }
+  }
+
+  // Elementwise part of a tile, channels-last: dz [len, C] (row stride ld).  The tile's sums are
+  // accumulated per channel in acc_t (vectorized across channels), then added to the double sums.
+  template <bool SUMS, bool WRITE, bool PASS2>
+  void elementwise_cl(int64_t g0, int64_t g1, const acc_t* dz, int64_t ld, double* sums) const {
+    const int64_t C = x.C, S = x.S;
+    std::vector<acc_t> tile_sums(SUMS ? 2 * C : 0, acc_t(0));
+    acc_t* sg = tile_sums.data();
+    acc_t* sgx = SUMS ? sg + C : nullptr;
+    int64_t n = g0 / S, s = g0 % S;
+    for (int64_t j = 0; j < g1 - g0; ++j) {
+      constexpr GradMode mode = WRITE ? (PASS2 ? GradMode::kAddFull : GradMode::kAddLocal) : GradMode::kNone;
+      bn_relu_backward_row<scalar_t, SUMS, mode>(x.data + n * x.sN + s * x.sS, gb.data + n * gb.sN + s * gb.sS,
+                                                 dz + j * ld, C, bn.mean, bn.invstd, bn.gamma, bn.beta, k, mg, mgx,
+                                                 sg, sgx);
+      if (++s == S) s = 0, ++n;
+    }
+    if constexpr (SUMS) {
+      for (int64_t c = 0; c < 2 * C; ++c) sums[c] += tile_sums[c];
+    }
+  }
+
+  // Pass 1 (sums, and the gradient unless it waits for pass 2) or pass 2 of one tile's elementwise part.
+  void elementwise(int64_t g0, int64_t g1, const std::vector<Segment>& segs, const acc_t* dz, int64_t ld,
+                   double* sums, bool write, bool pass2) const {
+    if (pass2) {
+      cl ? elementwise_cl<false, true, true>(g0, g1, dz, ld, sums) : elementwise_cf<false, true, true>(segs, dz, ld, sums);
+    } else if (write) {
+      cl ? elementwise_cl<true, true, false>(g0, g1, dz, ld, sums) : elementwise_cf<true, true, false>(segs, dz, ld, sums);
+    } else {
+      cl ? elementwise_cl<true, false, false>(g0, g1, dz, ld, sums) : elementwise_cf<true, false, false>(segs, dz, ld, sums);
+    }
+  }
+};
+
+// grad -= k * (mg + x_hat * mgx) = a + (x - mean) * ib per element, a = k * mg, ib = k * invstd * mgx:
+// the training-mode correction after pass 1 added k * g (no GEMM).
+template <typename scalar_t, typename acc_t>
+inline void correct_run(scalar_t* __restrict g, const scalar_t* __restrict x, int64_t len, acc_t a, acc_t m, acc_t ib) {
+  for (int64_t i = 0; i < len; ++i) {
+    g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) - (a + (static_cast<acc_t>(x[i]) - m) * ib));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void correct_row(scalar_t* __restrict g, const scalar_t* __restrict x, int64_t C, const acc_t* __restrict a,
+                        const acc_t* __restrict m, const acc_t* __restrict ib) {
+  for (int64_t c = 0; c < C; ++c) {
+    g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) - (a[c] + (static_cast<acc_t>(x[c]) - m[c]) * ib[c]));
+  }
+}
+
+template <typename scalar_t>
+void correction_pass(const View3<const scalar_t>& x, const View3<scalar_t>& gb, const BN<acc_type<scalar_t>>& bn,
+                     const acc_type<scalar_t>* k, const acc_type<scalar_t>* mg, const acc_type<scalar_t>* mgx,
+                     bool cl) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = x.C, S = x.S;
+  std::vector<acc_t> a(C), ib(C);
+  for (int64_t c = 0; c < C; ++c) a[c] = mg[c] * k[c], ib[c] = bn.invstd[c] * (mgx[c] * k[c]);
+  if (!cl) {
+    at::parallel_for(0, x.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S)), [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t n = i / C, c = i % C;
+        correct_run<scalar_t, acc_t>(gb.data + n * gb.sN + c * gb.sC, x.data + n * x.sN + c * x.sC, S, a[c],
+                                     bn.mean[c], ib[c]);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, x.N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C)), [&](int64_t p0, int64_t p1) {
+    int64_t n = p0 / S, s = p0 % S;
+    for (int64_t p = p0; p < p1; ++p) {
+      correct_row<scalar_t, acc_t>(gb.data + n * gb.sN + s * gb.sS, x.data + n * x.sN + s * x.sS, C, a.data(),
+                                   bn.mean, ib.data());
+      if (++s == S) s = 0, ++n;
+    }
+  });
+}
+
+// True when t is a view the kernels can write through directly in the given layout.
+bool writable_in_layout(const at::Tensor& t, bool cl) {
+  int64_t sS = 0;
+  if (!flat_spatial_stride(t, &sS)) return false;
+  return cl ? t.stride(1) == 1 : sS == 1;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv1x1_backward_cpp(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& weight, const at::Tensor& grad_buffer,
+    bool training) {
+  constexpr const char* op = "bn_relu_conv1x1_backward_cpp";
+  check_input(x_in, op);
+  check_bn(x_in, mean, invstd, gamma, beta, op);
+  check_weight(weight, x_in, op);
+  const int64_t N = x_in.size(0), C = x_in.size(1), B = weight.size(0);
+  check_like(grad_y_in, x_in, x_in.sizes().slice(2), B, op, "grad_y");
+  check_input(grad_buffer, op, "grad_buffer");
+  TORCH_CHECK(grad_buffer.dim() == x_in.dim() && grad_buffer.size(0) == N && grad_buffer.size(1) >= C &&
+                  grad_buffer.sizes().slice(2) == x_in.sizes().slice(2),
+              op, ": grad_buffer must be [N, >= C, *spatial] with x's N, spatial sizes and C = ", C,
+              "; got grad_buffer ", grad_buffer.sizes(), " for x ", x_in.sizes());
+  TORCH_CHECK(grad_buffer.scalar_type() == x_in.scalar_type(), op, ": grad_buffer dtype ",
+              grad_buffer.scalar_type(), " must match x's ", x_in.scalar_type());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = in_layout(x_in, cl);
+  const at::Tensor dy = in_layout(grad_y_in, cl);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const int64_t S = spatial_numel(x), P = N * S;
+  at::Tensor grad_gamma = at::zeros({C}, x.options().dtype(acc));
+  at::Tensor grad_beta = at::zeros({C}, x.options().dtype(acc));
+  at::Tensor grad_weight = at::zeros({B, C}, x.options().dtype(acc));
+  if (P == 0 || C == 0 || B == 0) return {grad_weight.to(weight.scalar_type()), grad_gamma, grad_beta};
+
+  at::Tensor gb_prefix = grad_buffer.narrow(1, 0, C);
+  at::Tensor target = gb_prefix;  // where grad_x is added; a temporary when grad_buffer's layout is exotic
+  if (!writable_in_layout(gb_prefix, cl)) target = empty_layout(N, C, x.sizes().slice(2), cl, x.options()).zero_();
+  const auto m = mean.contiguous(), is = invstd.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  const at::Tensor w_acc = weight.to(acc).contiguous();
+  const double count = static_cast<double>(P);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+    const bool split = training && !reduced;      // pass 2 = elementwise correction
+    const bool recompute = training && reduced;  // pass 2 = recompute dZ, add the full grad once
+    BackwardTiles<scalar_t> tiles;
+    tiles.x = view3<const scalar_t>(x);
+    tiles.dy = view3<const scalar_t>(dy);
+    tiles.gb = view3<scalar_t>(target);
+    tiles.bn = bn_params<acc_t>(m, is, g, b);
+    tiles.cl = cl;
+    tiles.dy_tensor = dy;
+    tiles.w_acc = w_acc;
+    std::vector<acc_t> k(C), mg(C, acc_t(0)), mgx(C, acc_t(0));
+    for (int64_t c = 0; c < C; ++c) k[c] = tiles.bn.gamma[c] * tiles.bn.invstd[c];
+    tiles.k = k.data();
+    tiles.mg = mg.data();
+    tiles.mgx = mgx.data();
+    const Tiling tiling = plan_tiles(P, (2 * C + B) * static_cast<int64_t>(sizeof(acc_t)), 2 * tile_bytes());
+    const int64_t T = tiling.tile, ntiles = tiling.ntiles;
+    tiles.T = T;
+    const int64_t nchunks = std::min(ntiles, tiling.nthreads);
+    at::Tensor dw_partial = at::zeros({nchunks, B, C}, x.options().dtype(acc));
+    std::vector<double> sums(static_cast<size_t>(nchunks * 2 * C), 0.0);
+    const at::Tensor w_t = w_acc.t();  // [C, B]
+
+    auto run = [&](bool pass2) {
+      at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+        at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS is per thread
+        at::Tensor zbuf, dzbuf, dybuf;
+        zbuf = cl ? at::empty({T, C}, w_acc.options()) : at::empty({C, T}, w_acc.options());
+        dzbuf = cl ? at::empty({T, C}, w_acc.options()) : at::empty({C, T}, w_acc.options());
+        std::vector<Segment> segs;
+        for (int64_t chunk = k0; chunk < k1; ++chunk) {
+          at::Tensor dw = dw_partial.select(0, chunk);
+          double* chunk_sums = pass2 ? nullptr : sums.data() + chunk * 2 * C;
+          const bool write = pass2 || !recompute;
+          for (int64_t t = ntiles * chunk / nchunks; t < ntiles * (chunk + 1) / nchunks; ++t) {
+            const int64_t g0 = t * T, g1 = std::min(P, g0 + T), len = g1 - g0;
+            if (!cl) tile_segments(g0, g1, S, segs);
+            const at::Tensor dyt = tiles.dy_tile(g0, g1, segs, dybuf);
+            if (cl) {
+              at::Tensor dz = dzbuf.narrow(0, 0, len);
+              if (!pass2) {
+                fill_cl<scalar_t, acc_t>(tiles.x, tiles.bn, g0, g1, zbuf.data_ptr<acc_t>(), C);
+                dw.addmm_(dyt.t(), zbuf.narrow(0, 0, len));
+              }
+              at::mm_out(dz, dyt, w_acc);
+              tiles.elementwise(g0, g1, segs, dzbuf.data_ptr<acc_t>(), C, chunk_sums, write, pass2);
+            } else {
+              at::Tensor dz = dzbuf.narrow(1, 0, len);
+              if (!pass2) {
+                fill_cf<scalar_t, acc_t>(tiles.x, tiles.bn, segs, zbuf.data_ptr<acc_t>(), T);
+                dw.addmm_(dyt, zbuf.narrow(1, 0, len).t());
+              }
+              at::mm_out(dz, w_t, dyt);
+              tiles.elementwise(g0, g1, segs, dzbuf.data_ptr<acc_t>(), T, chunk_sums, write, pass2);
+            }
+          }
+        }
+      });
+    };
+
+    run(false);
+    std::vector<double> total(static_cast<size_t>(2 * C), 0.0);
+    for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
+      for (int64_t i = 0; i < 2 * C; ++i) total[i] += sums[chunk * 2 * C + i];
+    }
+    acc_t* gg = grad_gamma.data_ptr<acc_t>();
+    acc_t* gbeta = grad_beta.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      gbeta[c] = static_cast<acc_t>(total[c]);
+      gg[c] = static_cast<acc_t>(total[C + c]);
+      mg[c] = gbeta[c] / static_cast<acc_t>(count);
+      mgx[c] = gg[c] / static_cast<acc_t>(count);
+    }
+    at::sum_out(grad_weight, dw_partial, {0});
+    if (split) correction_pass<scalar_t>(tiles.x, tiles.gb, tiles.bn, k.data(), mg.data(), mgx.data(), cl);
+    if (recompute) run(true);
+  });
+  if (!target.is_same(gb_prefix)) gb_prefix.add_(target);
+  return {grad_weight.to(weight.scalar_type()), grad_gamma, grad_beta};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace densenet_fused
+
+TORCH_LIBRARY_FRAGMENT(densenet_fused, m) {
+  m.def(
+      "bn_relu_conv1x1_cpp(Tensor x, Tensor mean, Tensor invstd, Tensor gamma, Tensor beta, Tensor weight) "
+      "-> Tensor");
+  m.def(
+      "bn_relu_conv1x1_backward_cpp(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor gamma, "
+      "Tensor beta, Tensor weight, Tensor(a!) grad_buffer, bool training) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(densenet_fused, CPU, m) {
+  m.impl("bn_relu_conv1x1_cpp", &densenet_fused::cpu::bn_relu_conv1x1_cpp);
+  m.impl("bn_relu_conv1x1_backward_cpp", &densenet_fused::cpu::bn_relu_conv1x1_backward_cpp);
+}
