@@ -145,6 +145,15 @@ def device_guard(t: torch.Tensor):
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c):
+        """Per-channel mean, invstd, scale and shift at offs_c as [BLOCK_C, 1] columns (0 where masked)."""
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        return mean, invstd, scale, shift
+
+    @triton.jit
     def pixel_coords(q, D, H, W):
         """Split flat pixel indices q over [N, D, H, W] into (n as int64, d, h, w)."""
         w = q % W

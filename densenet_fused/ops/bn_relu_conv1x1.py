@@ -339,10 +339,7 @@ if _tr.TRITON_AVAILABLE:
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         channels = offs_c.to(tl.int64)[:, None]
-        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        mean, invstd, scale, shift = _tr.load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c)
         if TRAINING:
             c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
             c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
