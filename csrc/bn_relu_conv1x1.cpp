@@ -82,22 +82,7 @@ at::Tensor bn_relu_conv1x1_cpp(const at::Tensor& x_in, const at::Tensor& mean, c
         }
         tile_segments(g0, g1, S, segs);
         fill_cf<scalar_t, scalar_t>(xv, bn, segs, zbuf.data_ptr<scalar_t>(), T);
-        const at::Tensor z = zbuf.narrow(1, 0, len);
-        if (segs.size() == 1) {
-          at::Tensor out = y3.select(0, segs[0].n).narrow(1, segs[0].s, len);
-          at::mm_out(out, w, z);
-          continue;
-        }
-        if (!ybuf.defined()) ybuf = at::empty({B, T}, x.options());
-        at::Tensor out = ybuf.narrow(1, 0, len);
-        at::mm_out(out, w, z);
-        const scalar_t* src = ybuf.data_ptr<scalar_t>();
-        scalar_t* dst = y3.data_ptr<scalar_t>();
-        for (const Segment& seg : segs) {
-          for (int64_t bb = 0; bb < B; ++bb) {
-            std::copy(src + bb * T + seg.j, src + bb * T + seg.j + seg.len, dst + (seg.n * B + bb) * S + seg.s);
-          }
-        }
+        mm_tile_into<scalar_t>(y3, w, zbuf.narrow(1, 0, len), segs, ybuf, T);
       }
     });
   });

@@ -158,23 +158,8 @@ at::Tensor bn_relu_pool_conv1x1_cpp(const at::Tensor& x_in, const at::Tensor& me
           }
           continue;
         }
-        const at::Tensor ptile = pbuf.narrow(1, 0, len);
         tile_segments(q0, q1, pg.Os, segs);
-        if (segs.size() == 1) {
-          at::Tensor out = y3.select(0, segs[0].n).narrow(1, segs[0].s, len);
-          at::mm_out(out, w, ptile);
-          continue;
-        }
-        if (!ybuf.defined()) ybuf = at::empty({B, T}, x.options());
-        at::Tensor out = ybuf.narrow(1, 0, len);
-        at::mm_out(out, w, ptile);
-        const scalar_t* src = ybuf.data_ptr<scalar_t>();
-        scalar_t* dst = y3.data_ptr<scalar_t>();
-        for (const Segment& seg : segs) {
-          for (int64_t bb = 0; bb < B; ++bb) {
-            std::copy(src + bb * T + seg.j, src + bb * T + seg.j + seg.len, dst + (seg.n * B + bb) * pg.Os + seg.s);
-          }
-        }
+        mm_tile_into<scalar_t>(y3, w, pbuf.narrow(1, 0, len), segs, ybuf, T);
       }
     });
   });

@@ -226,6 +226,30 @@ inline void tile_segments(int64_t g0, int64_t g1, int64_t S, std::vector<Segment
   }
 }
 
+// y3[n, :, s] = w @ z for the pixels of one channels-first tile (y3 is [N, B, S], z is [C, len] in tile
+// order).  A tile inside one sample is written in place; one spanning samples goes through the scratch
+// ybuf [B, capacity] (allocated on first use) and is scattered per segment.
+template <typename scalar_t>
+inline void mm_tile_into(const at::Tensor& y3, const at::Tensor& w, const at::Tensor& z, const std::vector<Segment>& segs,
+                         at::Tensor& ybuf, int64_t capacity) {
+  const int64_t B = w.size(0), S = y3.size(2), len = z.size(1);
+  if (segs.size() == 1) {
+    at::Tensor out = y3.select(0, segs[0].n).narrow(1, segs[0].s, len);
+    at::mm_out(out, w, z);
+    return;
+  }
+  if (!ybuf.defined()) ybuf = at::empty({B, capacity}, y3.options());
+  at::Tensor out = ybuf.narrow(1, 0, len);
+  at::mm_out(out, w, z);
+  const scalar_t* src = ybuf.data_ptr<scalar_t>();
+  scalar_t* dst = y3.data_ptr<scalar_t>();
+  for (const Segment& seg : segs) {
+    for (int64_t bb = 0; bb < B; ++bb) {
+      std::copy(src + bb * capacity + seg.j, src + bb * capacity + seg.j + seg.len, dst + (seg.n * B + bb) * S + seg.s);
+    }
+  }
+}
+
 // Per-channel BatchNorm parameters, as raw pointers in the accumulation type.
 template <typename acc_t>
 struct BN {
