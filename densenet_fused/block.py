@@ -7,12 +7,18 @@ batch statistics of a channel are computed once, when it is written.  Backward s
 and the statistics, recomputes each layer's BN -> ReLU -> 1x1 conv, and adds every layer's input
 gradient into one shared gradient buffer.
 
+The whole block is one custom op (``densenet_fused::dense_block``, with ``dense_block_backward``), so
+torch.compile sees it as opaque: the buffer, its slices and the in-place gradient accumulation are the
+op's own business, and inductor cannot pick layouts for them that disagree with what the kernels write.
+Under ``create_graph=True`` the backward runs differentiable PyTorch formulas, so double backward works.
+
 Under torch.autocast the buffer, its gradient and the convolutions use the autocast dtype, while
 statistics and BatchNorm parameters stay float32.  Norms converted to SyncBatchNorm have their
 statistics and BatchNorm-backward sums reduced over their process group (see ``distributed``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +28,10 @@ from . import distributed
 from . import norm as bn
 from .ops import bn_relu, bn_relu_backward, bn_relu_conv1x1, bn_relu_conv1x1_backward, bn_relu_pool_conv1x1
 from .ops import channel_stats
+from .ops._autograd import as_batch_stats, grad_leaves
 from .ops._backend import acc_dtype, empty_like_layout
-
-_PARAMS_PER_LAYER = 10  # mean1, invstd1, gamma1, beta1, conv1, mean2, invstd2, gamma2, beta2, conv2
+from .ops.bn_relu import bn_relu_reference
+from .ops.bn_relu_conv1x1 import bn_relu_conv1x1_reference
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,45 @@ class _LayerPlan:
     keep_bottleneck: bool
 
 
+class _LayerParams(NamedTuple):
+    """The differentiable tensors one layer reads: each norm's affine parameters and each conv's weight."""
+
+    gamma1: Tensor
+    beta1: Tensor
+    conv1: Tensor
+    gamma2: Tensor
+    beta2: Tensor
+    conv2: Tensor
+
+
+def _flatten(params: list[_LayerParams]) -> list[Tensor]:
+    return [t for p in params for t in p]
+
+
+def _unflatten(flat: list) -> list[_LayerParams]:
+    n = len(_LayerParams._fields)
+    return [_LayerParams(*flat[i : i + n]) for i in range(0, len(flat), n)]
+
+
+def _running_stats(plans: list["_LayerPlan"], running: list[Tensor]) -> list[tuple]:
+    """Per layer, (mean, invstd) of norm1 and of norm2 from the flat ``running`` list, None where a norm uses
+    batch statistics (``running`` holds only the others, in layer order)."""
+    stats = iter(running)
+    return [tuple(None if batch else (next(stats), next(stats)) for batch in (plan.batch1, plan.batch2)) for plan in plans]
+
+
+_PLAN_FIELDS = tuple(f.name for f in fields(_LayerPlan))
+
+
+def _plan_args(plans: list[_LayerPlan]) -> list[list]:
+    """The plans as the op's per-field lists (batch1: bool[], eps1: float[], ...)."""
+    return [[getattr(plan, name) for plan in plans] for name in _PLAN_FIELDS]
+
+
+def _plans(plan_args) -> list[_LayerPlan]:
+    return [_LayerPlan(*values) for values in zip(*plan_args)]
+
+
 def _conv3x3(z: Tensor, weight: Tensor) -> Tensor:
     d = z.dim() - 2
     return torch.convolution(z, weight, None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1)
@@ -76,11 +122,11 @@ def _conv3x3_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, 
     return grad_z, grad_w
 
 
-def _norm_inputs(batch: bool, eps: float, batch_mean: Tensor, batch_var: Tensor, mean, invstd):
-    """Batch statistics (computed inside the block) or the running ones passed in."""
-    if batch:
+def _norm_inputs(eps: float, batch_mean: Tensor, batch_var: Tensor, running: Optional[tuple]) -> tuple:
+    """(mean, invstd): the running ones when given, else from the batch statistics computed in the block."""
+    if running is None:
         return batch_mean, torch.rsqrt(batch_var + eps)
-    return mean, invstd
+    return running
 
 
 def _batch_stats(x: Tensor, group, count) -> tuple[Tensor, Tensor]:
@@ -91,108 +137,240 @@ def _batch_stats(x: Tensor, group, count) -> tuple[Tensor, Tensor]:
     return distributed.all_reduce_stats(mean, var, x.numel() // x.size(1), count, group)
 
 
-class _DenseBlockFunction(torch.autograd.Function):
-    """Forward and backward of a run of dense layers over one shared feature buffer.
+def _apply_dropout(new: Tensor, mask: Tensor, drop: float) -> Tensor:
+    """new * mask / (1 - p): F.dropout with the mask drawn before the block (see ``_dropout_masks``)."""
+    return new * mask * (1.0 / (1.0 - drop))
 
-    ``group`` is the process group the batch statistics are reduced over (None: this process's batch) and
-    ``count`` the number of values per channel they cover.
+
+@torch.library.custom_op("densenet_fused::dense_block", mutates_args=())
+def dense_block(
+    inputs: list[Tensor],
+    params: list[Tensor],
+    running: list[Tensor],
+    masks: list[Tensor],
+    batch1: list[bool],
+    eps1: list[float],
+    batch2: list[bool],
+    eps2: list[float],
+    drop: list[float],
+    keep_bottleneck: list[bool],
+    group: Optional[str],
+    count: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """Run the layers over one buffer holding ``inputs`` concatenated.
+
+    ``params`` are the layers' ``_LayerParams`` flattened, ``running`` the (mean, invstd) of the norms that
+    use running statistics, ``masks`` the dropout masks of the layers that drop, and the lists after them the
+    layers' ``_LayerPlan`` field by field.  ``group`` names the process group the batch statistics are
+    reduced over (None: this process's batch) and ``count`` is the number of values per channel over it.
+    Returns (buffer, mean, var, mean2, var2, kept bottlenecks): the batch statistics of every buffer channel
+    and of each layer's bottleneck (zeros where unused).
+    """
+    plans, layers = _plans([batch1, eps1, batch2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    group = distributed.resolve_group(group)
+    growth, c0 = layers[0].conv2.size(0), sum(x.size(1) for x in inputs)
+    buf = empty_like_layout(inputs[0], c0 + len(plans) * growth)
+    start = 0
+    for x in inputs:
+        buf[:, start : start + x.size(1)].copy_(x)
+        start += x.size(1)
+    acc = acc_dtype(buf.dtype)
+    mean = buf.new_zeros(buf.size(1), dtype=acc)
+    var = torch.zeros_like(mean)
+    any_batch = any(plan.batch1 for plan in plans)
+    if any_batch:
+        mean[:c0], var[:c0] = _batch_stats(buf[:, :c0], group, count)
+    mean2 = buf.new_zeros((len(plans), layers[0].conv1.size(0)), dtype=acc)
+    var2 = torch.zeros_like(mean2)
+    masks, bottlenecks = iter(masks), []
+    for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
+        c = c0 + l * growth
+        m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+        bottleneck = bn_relu_conv1x1(buf[:, :c], m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1), plan.batch1)
+        if plan.batch2:
+            mean2[l], var2[l] = _batch_stats(bottleneck, group, count)
+        m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
+        new = _conv3x3(bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2), p.conv2)
+        if plan.drop > 0:
+            new = _apply_dropout(new, next(masks), plan.drop)
+        buf[:, c : c + growth].copy_(new)
+        if any_batch:
+            mean[c : c + growth], var[c : c + growth] = _batch_stats(buf[:, c : c + growth], group, count)
+        if plan.keep_bottleneck:
+            bottlenecks.append(bottleneck)
+    return buf, mean, var, mean2, var2, bottlenecks
+
+
+@dense_block.register_fake
+def _dense_block_fake(inputs, params, running, masks, batch1, eps1, batch2, eps2, drop, keep_bottleneck, group, count):
+    layers = _unflatten(params)
+    growth, width = layers[0].conv2.size(0), layers[0].conv1.size(0)
+    buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + len(layers) * growth)
+    acc = acc_dtype(buf.dtype)
+    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(layers), width), dtype=acc)
+    bottlenecks = [empty_like_layout(buf, width) for keep in keep_bottleneck if keep]
+    return buf, mean, torch.empty_like(mean), mean2, torch.empty_like(mean2), bottlenecks
+
+
+@torch.library.custom_op("densenet_fused::dense_block_backward", mutates_args=())
+def dense_block_backward(
+    grad_buf: Tensor,
+    buf: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    mean2: Tensor,
+    var2: Tensor,
+    params: list[Tensor],
+    running: list[Tensor],
+    masks: list[Tensor],
+    bottlenecks: list[Tensor],
+    batch1: list[bool],
+    eps1: list[float],
+    batch2: list[bool],
+    eps2: list[float],
+    drop: list[float],
+    keep_bottleneck: list[bool],
+    group: Optional[str],
+    count: Optional[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
+    """``dense_block``'s backward: (the gradient of the whole buffer, that of ``params``).
+
+    Only the buffer's input channels of the first tensor are meaningful to the caller.
+    """
+    plans, layers = _plans([batch1, eps1, batch2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    running = _running_stats(plans, running)
+    group = distributed.resolve_group(group)
+    growth = layers[0].conv2.size(0)
+    c0 = buf.size(1) - len(plans) * growth
+    grad_buffer = empty_like_layout(buf, buf.size(1))
+    grad_buffer.copy_(grad_buf)
+    masks, bottlenecks = list(masks), list(bottlenecks)
+    grads = []
+    for l in reversed(range(len(plans))):
+        plan, p, (running1, running2), c = plans[l], layers[l], running[l], c0 + l * growth
+        m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+        m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
+        x, w1 = buf[:, :c], p.conv1.flatten(1)
+        if plan.keep_bottleneck:
+            bottleneck = bottlenecks.pop()
+        else:
+            bottleneck = bn_relu_conv1x1(x, m1, is1, p.gamma1, p.beta1, w1, plan.batch1)
+        grad_new = grad_buffer[:, c : c + growth]
+        if plan.drop > 0:
+            grad_new = _apply_dropout(grad_new, masks.pop(), plan.drop)
+        z2 = bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2)
+        grad_z2, grad_w2 = _conv3x3_backward(grad_new, z2, p.conv2)
+        del z2, grad_new
+        # Synchronized norms run the eval formula here and get the group's training terms after it.
+        sync = group is not None
+        grad_bottleneck, grad_g2, grad_b2 = bn_relu_backward(
+            grad_z2, bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2 and not sync
+        )
+        if plan.batch2 and sync:
+            distributed.sync_batch_norm_backward_(
+                grad_bottleneck, bottleneck, m2, is2, p.gamma2, grad_b2, grad_g2, count, group
+            )
+        del grad_z2, bottleneck
+        grad_w1, grad_g1, grad_b1 = bn_relu_conv1x1_backward(
+            grad_bottleneck, x, m1, is1, p.gamma1, p.beta1, w1, grad_buffer, plan.batch1 and not sync
+        )
+        if plan.batch1 and sync:
+            distributed.sync_batch_norm_backward_(
+                grad_buffer[:, :c], x, m1, is1, p.gamma1, grad_b1, grad_g1, count, group
+            )
+        grads[:0] = [grad_g1, grad_b1, grad_w1.reshape(p.conv1.shape), grad_g2, grad_b2, grad_w2.contiguous()]
+    return grad_buffer, grads
+
+
+@dense_block_backward.register_fake
+def _dense_block_backward_fake(grad_buf, buf, mean, var, mean2, var2, params, *rest):
+    return empty_like_layout(buf, buf.size(1)), [p.new_empty(p.shape) for p in params]
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    """Autograd of ``dense_block``: its backward op, or under ``create_graph=True`` a differentiable backward.
+
+    A plain autograd.Function rather than ``register_autograd``: the differentiable backward runs autograd
+    through the saved buffer, which torch.library's autograd wrapper does not allow re-entrantly.
     """
 
     @staticmethod
-    def forward(ctx, plans, group, count, num_inputs, *tensors):
-        inputs, params = tensors[:num_inputs], tensors[num_inputs:]
-        growth, c0 = params[9].size(0), sum(x.size(1) for x in inputs)
-        buf = empty_like_layout(inputs[0], c0 + len(plans) * growth)
-        start = 0
-        for x in inputs:
-            buf[:, start : start + x.size(1)].copy_(x)
-            start += x.size(1)
-        acc = acc_dtype(buf.dtype)
-        mean = buf.new_zeros(buf.size(1), dtype=acc)
-        var = torch.zeros_like(mean)
-        any_batch = any(plan.batch1 for plan in plans)
-        if any_batch:
-            mean[:c0], var[:c0] = _batch_stats(buf[:, :c0], group, count)
-        bottleneck_width = params[4].size(0)
-        mean2 = buf.new_zeros((len(plans), bottleneck_width), dtype=acc)
-        var2 = torch.zeros_like(mean2)
-        masks, bottlenecks = [], []
-        for l, plan in enumerate(plans):
-            m1, is1, g1, b1, w1, m2, is2, g2, b2, w2 = params[l * _PARAMS_PER_LAYER : (l + 1) * _PARAMS_PER_LAYER]
-            c = c0 + l * growth
-            m1, is1 = _norm_inputs(plan.batch1, plan.eps1, mean[:c], var[:c], m1, is1)
-            bottleneck = bn_relu_conv1x1(buf[:, :c], m1, is1, g1, b1, w1.flatten(1), plan.batch1)
-            if plan.batch2:
-                mean2[l], var2[l] = _batch_stats(bottleneck, group, count)
-            m2, is2 = _norm_inputs(plan.batch2, plan.eps2, mean2[l], var2[l], m2, is2)
-            new = _conv3x3(bn_relu(bottleneck, m2, is2, g2, b2, plan.batch2), w2)
-            if plan.drop > 0:
-                scaled_mask = F.dropout(torch.ones_like(new), plan.drop, True)
-                new.mul_(scaled_mask)
-                masks.append(scaled_mask != 0)
-            buf[:, c : c + growth].copy_(new)
-            if any_batch:
-                mean[c : c + growth], var[c : c + growth] = _batch_stats(buf[:, c : c + growth], group, count)
-            if plan.keep_bottleneck:
-                bottlenecks.append(bottleneck)
-        ctx.plans, ctx.group, ctx.count, ctx.input_channels = plans, group, count, [x.size(1) for x in inputs]
-        ctx.save_for_backward(buf, mean, var, mean2, var2, *params, *masks, *bottlenecks)
+    def forward(ctx, num_inputs, sizes, plan_args, group, count, *tensors):
+        inputs, rest = tensors[:num_inputs], tensors[num_inputs:]
+        params, running, masks = _split(rest, sizes)
+        buf, mean, var, mean2, var2, bottlenecks = dense_block(
+            inputs, params, running, masks, *plan_args, group, count
+        )
+        ctx.plan_args, ctx.group, ctx.sizes = plan_args, group, sizes
+        ctx.input_channels = [x.size(1) for x in inputs]
+        ctx.save_for_backward(buf, mean, var, mean2, var2, count, *rest, *bottlenecks)
         ctx.mark_non_differentiable(mean, var, mean2, var2)
         return buf, mean, var, mean2, var2
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_stat_grads):
-        plans, group, count = ctx.plans, ctx.group, ctx.count
-        buf, mean, var, mean2, var2, *rest = ctx.saved_tensors
-        params, rest = rest[: len(plans) * _PARAMS_PER_LAYER], rest[len(plans) * _PARAMS_PER_LAYER :]
-        num_masks = sum(plan.drop > 0 for plan in plans)
-        masks, bottlenecks = list(rest[:num_masks]), list(rest[num_masks:])
-        growth, c0 = params[9].size(0), sum(ctx.input_channels)
-        grad_buffer = empty_like_layout(buf, buf.size(1))
-        grad_buffer.copy_(grad_buf)
-        grads = [None] * len(params)
-        for l in reversed(range(len(plans))):
-            plan = plans[l]
-            m1, is1, g1, b1, w1, m2, is2, g2, b2, w2 = params[l * _PARAMS_PER_LAYER : (l + 1) * _PARAMS_PER_LAYER]
-            c = c0 + l * growth
-            m1, is1 = _norm_inputs(plan.batch1, plan.eps1, mean[:c], var[:c], m1, is1)
-            m2, is2 = _norm_inputs(plan.batch2, plan.eps2, mean2[l], var2[l], m2, is2)
-            x = buf[:, :c]
-            if plan.keep_bottleneck:
-                bottleneck = bottlenecks.pop()
-            else:
-                bottleneck = bn_relu_conv1x1(x, m1, is1, g1, b1, w1.flatten(1), plan.batch1)
-            grad_new = grad_buffer[:, c : c + growth]
-            if plan.drop > 0:
-                grad_new = grad_new * masks.pop() * (1.0 / (1.0 - plan.drop))
-            z2 = bn_relu(bottleneck, m2, is2, g2, b2, plan.batch2)
-            grad_z2, grad_w2 = _conv3x3_backward(grad_new, z2, w2)
-            del z2, grad_new
-            # Synchronized norms run the eval formula here and get the group's training terms after it.
-            sync = group is not None
-            grad_bottleneck, grad_g2, grad_b2 = bn_relu_backward(
-                grad_z2, bottleneck, m2, is2, g2, b2, plan.batch2 and not sync
+        buf, mean, var, mean2, var2, count, *rest = ctx.saved_tensors
+        (params, running, masks), bottlenecks = _split(rest, ctx.sizes), rest[sum(ctx.sizes) :]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, for double backward
+            grad_buffer, grad_params = _differentiable_backward(
+                ctx, grad_buf, buf, mean, var, mean2, var2, params, running, masks
             )
-            if plan.batch2 and sync:
-                distributed.sync_batch_norm_backward_(
-                    grad_bottleneck, bottleneck, m2, is2, g2, grad_b2, grad_g2, count, group
-                )
-            del grad_z2, bottleneck
-            grad_w1, grad_g1, grad_b1 = bn_relu_conv1x1_backward(
-                grad_bottleneck, x, m1, is1, g1, b1, w1.flatten(1), grad_buffer, plan.batch1 and not sync
-            )
-            if plan.batch1 and sync:
-                distributed.sync_batch_norm_backward_(
-                    grad_buffer[:, :c], x, m1, is1, g1, grad_b1, grad_g1, count, group
-                )
-            grads[l * _PARAMS_PER_LAYER : (l + 1) * _PARAMS_PER_LAYER] = [
-                None, None, grad_g1, grad_b1, grad_w1.view_as(w1), None, None, grad_g2, grad_b2, grad_w2,
-            ]  # fmt: skip
-        starts = [0]
+        else:
+            grad_buffer, grad_params = dense_block_backward(
+                grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *ctx.plan_args,
+                ctx.group, count,
+            )  # fmt: skip
+        grad_inputs, start = [], 0
         for channels in ctx.input_channels:
-            starts.append(starts[-1] + channels)
-        grad_inputs = [grad_buffer[:, a:b] for a, b in zip(starts, starts[1:])]
-        return None, None, None, None, *grad_inputs, *grads
+            grad_inputs.append(grad_buffer[:, start : start + channels])
+            start += channels
+        return None, None, None, None, None, *grad_inputs, *grad_params, *[None] * (len(running) + len(masks))
+
+
+def _split(tensors, sizes) -> list[list]:
+    """``tensors`` cut into consecutive lists of the given ``sizes``."""
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(list(tensors[start : start + size]))
+        start += size
+    return parts
+
+
+def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params, running, masks):
+    """dense_block's backward as PyTorch ops that autograd can differentiate again.
+
+    It recomputes the block from its input channels (the first ones of the saved buffer) with the reference
+    primitives and the batch statistics as functions of their channels (``as_batch_stats``), and lets
+    autograd differentiate that with ``create_graph=True``.
+    """
+    if ctx.group is not None:
+        distributed.refuse_double_backward("dense block")
+    plans, masks = _plans(ctx.plan_args), iter(masks)
+    with torch.enable_grad():
+        leaves = grad_leaves([buf[:, : sum(ctx.input_channels)], *params])
+        x, layers = leaves[0], _unflatten(leaves[1:])
+        for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
+            c = x.size(1)
+            m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+            if running1 is None:
+                m1, is1 = as_batch_stats(x, m1, is1)
+            bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1))
+            m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
+            if running2 is None:
+                m2, is2 = as_batch_stats(bottleneck, m2, is2)
+            new = _conv3x3(bn_relu_reference(bottleneck, m2, is2, p.gamma2, p.beta2), p.conv2)
+            if plan.drop > 0:
+                new = _apply_dropout(new, next(masks), plan.drop)
+            x = torch.cat([x, new], 1)
+        grads = torch.autograd.grad(x, leaves, grad_buf, create_graph=True, allow_unused=True, materialize_grads=True)
+    return grads[0], grads[1:]
+
+
+def _dropout_masks(x: Tensor, growth: int, plans: list[_LayerPlan]) -> list[Tensor]:
+    """The dropout masks of the layers that drop, as bool, drawn in layer order the way torchvision's F.dropout
+    calls draw them (same shape, dtype and layout as each layer's new features)."""
+    ones = empty_like_layout(x, growth).fill_(1)
+    return [F.dropout(ones, plan.drop, True) != 0 for plan in plans if plan.drop > 0]
 
 
 def _check_input(inputs: list, expected_channels: int, weight: Tensor, what: str) -> torch.dtype:
@@ -257,7 +435,7 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     inputs = [x.to(dtype) for x in inputs]
     x = inputs[0]
     acc = acc_dtype(dtype)
-    plans, params, batch_norms = [], [], []
+    plans, params, running, batch_norms = [], [], [], []
     for layer in layers:
         plan = _LayerPlan(
             batch1=bn.uses_batch_stats(layer.norm1),
@@ -268,15 +446,24 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
             keep_bottleneck=not layer.memory_efficient,
         )
         plans.append(plan)
-        for norm, batch, conv in ((layer.norm1, plan.batch1, layer.conv1), (layer.norm2, plan.batch2, layer.conv2)):
-            batch_norms += [norm] if batch else []
-            running = (None, None) if batch else bn.running_stats(norm, acc)
-            params += [*running, *bn.affine(norm, acc, x.device), conv.weight.to(dtype)]
+        for norm, batch in ((layer.norm1, plan.batch1), (layer.norm2, plan.batch2)):
+            if batch:
+                batch_norms.append(norm)
+            else:
+                running += bn.running_stats(norm, acc)
+        gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
+        gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
+        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight.to(dtype), gamma2, beta2, layer.conv2.weight.to(dtype)))
     group, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
         group, count = _batch_group(batch_norms, size, x, what)
-    buf, mean, var, mean2, var2 = _DenseBlockFunction.apply(plans, group, count, len(inputs), *inputs, *params)
+    masks = _dropout_masks(x, first.conv2.out_channels, plans)
+    params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
+    group_count = count if group is not None else None  # the op needs it only to synchronize
+    buf, mean, var, mean2, var2 = _DenseBlockFunction.apply(
+        len(inputs), sizes, _plan_args(plans), distributed.group_name(group), group_count, *inputs, *params, *running, *masks
+    )
     for l, layer in enumerate(layers):
         channels = layer.norm1.num_features
         if plans[l].batch1:

@@ -70,6 +70,16 @@ def sync_batch_norm_backward_(grad_x, x, mean, invstd, gamma, sum_dy, sum_dy_xha
     grad_x.sub_((broadcast(slope, x) * x + broadcast(offset, x)).to(grad_x.dtype))
 
 
+def refuse_double_backward(what: str) -> None:
+    """Raise when autograd records this backward (create_graph=True): its all-reduces have no derivative here."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"double backward (create_graph=True) through a {what} with synchronized BatchNorms (SyncBatchNorm "
+            "across processes) is not supported; compute that gradient with local BatchNorms, or with "
+            "torchvision's DenseNet"
+        )
+
+
 class SyncTransitionFunction(torch.autograd.Function):
     """bn_relu_pool_conv1x1 normalizing with the group's batch statistics, its backward synchronized too."""
 
@@ -81,9 +91,20 @@ class SyncTransitionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        refuse_double_backward("transition")
         x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
         grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
             grad_y, x, mean, invstd, gamma, beta, weight, False
         )
         sync_batch_norm_backward_(grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma, ctx.count, ctx.group)
         return None, None, grad_x, None, None, grad_gamma, grad_beta, grad_weight
+
+
+def group_name(group) -> str | None:
+    """The name a custom op takes a process group by (None: no group)."""
+    return None if group is None else group.group_name
+
+
+def resolve_group(name: str | None):
+    """The process group ``group_name`` named (None: no group)."""
+    return None if name is None else dist.distributed_c10d._resolve_process_group(name)

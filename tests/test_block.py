@@ -132,3 +132,27 @@ def test_layer_alone_has_torchvision_semantics(as_list):
     for g, g_t in zip(grads, grads_t):
         torch.testing.assert_close(g, g_t, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.norm1.running_var, theirs.norm1.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["train", "eval", "keep_bottleneck_dropout", "channels_last"])
+def test_block_ops_pass_opcheck(monkeypatch, case):
+    """The block's two custom ops: schema, fake (exact strides, as inductor requires) and dynamic shapes."""
+    recorded = {}
+    for name in ("dense_block", "dense_block_backward"):
+        op = getattr(block_module, name)
+
+        def recording(*args, op=op, name=name):
+            recorded[name] = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, args)
+            return op(*args)
+
+        monkeypatch.setattr(block_module, name, recording)
+    block = _block(memory_efficient=case != "keep_bottleneck_dropout", drop_rate=0.3 * (case == "keep_bottleneck_dropout"))
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    if case == "eval":
+        block(x)
+        block.eval()
+    if case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    block(x.requires_grad_()).square().sum().backward()
+    for name, args in recorded.items():
+        torch.library.opcheck(getattr(torch.ops.densenet_fused, name).default, args)

@@ -105,7 +105,17 @@ def _worker(rank, port, folder, steps):
             mixed = ""
         except ValueError as error:
             mixed = str(error)
-        torch.save({"ddp": ddp, "sync": sync, "mixed": mixed, "reduced": reduced}, folder / f"rank{rank}.pt")
+        double = []
+        for module, channels in ((net[2], 12), (net[3], 6)):  # a synchronized transition, then block
+            x_step = torch.randn(2, channels, 6, 6, dtype=torch.float64, requires_grad=True)
+            try:
+                torch.autograd.grad(module(x_step).square().sum(), x_step, create_graph=True)
+                double.append("")
+            except RuntimeError as error:
+                double.append(str(error))
+        torch.save(
+            {"ddp": ddp, "sync": sync, "mixed": mixed, "reduced": reduced, "double": double}, folder / f"rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -186,3 +196,11 @@ def test_statistics_of_each_new_channel_are_reduced_once(runs):
 def test_mixing_synchronized_and_local_norms_in_one_block_raises(runs):
     for message in runs["mixed"]:
         assert "must all be SyncBatchNorm over the same process group, or none of them" in message
+
+
+def test_double_backward_through_synchronized_norms_raises_clearly(runs):
+    for messages in runs["double"]:
+        assert len(messages) == 2
+        for what, message in zip(("transition", "dense block"), messages):
+            assert f"double backward (create_graph=True) through a {what} with synchronized BatchNorms" in message
+            assert "local BatchNorms" in message

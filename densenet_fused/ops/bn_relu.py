@@ -8,6 +8,7 @@ gradient that flows through them (the train-mode BatchNorm formula); otherwise t
 import torch
 
 from . import _triton as _tr
+from ._autograd import reference_backward
 from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations
 
 
@@ -84,7 +85,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_z):
     x, mean, invstd, gamma, beta = ctx.saved_tensors
-    grad_x, grad_gamma, grad_beta = bn_relu_backward(grad_z, x, mean, invstd, gamma, beta, ctx.training)
+    if torch.is_grad_enabled():  # create_graph=True
+        grad_x, grad_gamma, grad_beta = reference_backward(
+            bn_relu_reference, grad_z, x, mean, invstd, [gamma, beta], ctx.training
+        )
+    else:
+        grad_x, grad_gamma, grad_beta = bn_relu_backward(grad_z, x, mean, invstd, gamma, beta, ctx.training)
     return grad_x, None, None, grad_gamma, grad_beta, None
 
 

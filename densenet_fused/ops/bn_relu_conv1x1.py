@@ -8,6 +8,7 @@ Forward: ``y = W @ relu(gamma * (x - mean) * invstd + beta)`` per pixel, with x 
 import torch
 
 from . import _triton as _tr
+from ._autograd import reference_backward
 from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations, is_channels_last
 from .bn_relu import batch_norm_backward, bn_relu_reference, folded_affine, normalize
 
@@ -92,10 +93,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    grad_x = torch.zeros_like(x)
-    grad_weight, grad_gamma, grad_beta = bn_relu_conv1x1_backward(
-        grad_y, x, mean, invstd, gamma, beta, weight, grad_x, ctx.training
-    )
+    if torch.is_grad_enabled():  # create_graph=True
+        grad_x, grad_gamma, grad_beta, grad_weight = reference_backward(
+            bn_relu_conv1x1_reference, grad_y, x, mean, invstd, [gamma, beta, weight], ctx.training
+        )
+    else:
+        grad_x = torch.zeros_like(x)
+        grad_weight, grad_gamma, grad_beta = bn_relu_conv1x1_backward(
+            grad_y, x, mean, invstd, gamma, beta, weight, grad_x, ctx.training
+        )
     return grad_x, None, None, grad_gamma, grad_beta, grad_weight, None
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton as _tr
+from ._autograd import reference_backward
 from ._backend import backend_for, broadcast, empty_like_layout, implementations, is_channels_last, to_layout_of
 from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
 from .bn_relu_conv1x1 import _triton_geometry_ok, conv1x1_backward_triton, conv1x1_forward_triton, matmul_channels
@@ -101,9 +102,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
-        grad_y, x, mean, invstd, gamma, beta, weight, ctx.training
-    )
+    if torch.is_grad_enabled():  # create_graph=True
+        grad_x, grad_gamma, grad_beta, grad_weight = reference_backward(
+            bn_relu_pool_conv1x1_reference, grad_y, x, mean, invstd, [gamma, beta, weight], ctx.training
+        )
+    else:
+        grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
+            grad_y, x, mean, invstd, gamma, beta, weight, ctx.training
+        )
     return grad_x, None, None, grad_gamma, grad_beta, grad_weight, None
 
 
