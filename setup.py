@@ -1,39 +1,27 @@
-"""Builds densenet_fused._C: the C++ CPU kernels, plus any CUDA sources when a CUDA toolkit is usable.
+"""Builds densenet_fused._C: the C++ CPU kernels (csrc/*.cpp).
 
-The GPU kernels are Triton (compiled at run time), so a CPU-only machine builds everything it needs.
-Set FORCE_CUDA=1 to build CUDA sources without a visible GPU (as torchvision does).
+The GPU kernels are Triton (compiled at run time), so there are no CUDA sources and every machine
+builds the same CPU extension.
+
+_C registers its ops with the dispatcher (TORCH_LIBRARY) and its module init uses only the stable
+Python ABI, so it is built against the limited API (py_limited_api=True: torch's BuildExtension then
+defines Py_LIMITED_API for its minimum CPython, 3.10, and skips libtorch_python) and the wheel is tagged
+abi3 from cp310, matching python_requires.
 """
 
 import glob
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    use_cuda = bool(cuda_sources) and CUDA_HOME is not None and (
-        torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
-    )
     # -fno-trapping-math (as torch itself builds): lets the compiler vectorize the branch-free ReLU masks
-    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
-    if use_cuda:
-        return CUDAExtension(
-            "densenet_fused._C",
-            sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=True,
-        )
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
     return CppExtension(
         "densenet_fused._C",
-        sources,
+        sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
@@ -49,5 +37,5 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch", "torchvision"],
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

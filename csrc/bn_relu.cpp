@@ -32,24 +32,17 @@ void forward_kernel(const View3<const scalar_t>& x, const View3<scalar_t>& z, co
 
 // Per-channel sum of g and of g * x_hat, g = grad_z masked by relu(bn(x)) > 0.
 template <typename scalar_t>
-void reduce_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>& x, const BN<acc_type<scalar_t>>& bn,
-                   bool cl, double* sum_g, double* sum_gx) {
+void reduce_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>& x,
+                   const BNBackward<acc_type<scalar_t>>& coefs, bool cl, double* sum_g, double* sum_gx) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = x.C, S = x.S;
   if (!cl) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const acc_t p[7] = {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], acc_t(0), acc_t(0), acc_t(0)};
+        const ChannelBN<acc_t> p = coefs.channel(c);
         double sg = 0, sgx = 0;
         for (int64_t n = 0; n < x.N; ++n) {
-          acc_t lg[kLanes] = {0}, lgx[kLanes] = {0};
-          bn_relu_backward_run<scalar_t, true, GradMode::kNone>(x.data + n * x.sN + c * x.sC,
-                                                                static_cast<scalar_t*>(nullptr),
-                                                                dz.data + n * dz.sN + c * dz.sC, S, p, lg, lgx);
-          for (int u = 0; u < kLanes; ++u) {
-            sg += lg[u];
-            sgx += lgx[u];
-          }
+          add_run_sums(x.data + n * x.sN + c * x.sC, dz.data + n * dz.sN + c * dz.sC, S, p, sg, sgx);
         }
         sum_g[c] = sg;
         sum_gx[c] = sgx;
@@ -61,10 +54,9 @@ void reduce_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>&
     std::vector<acc_t> chunk(2 * C, acc_t(0));
     int64_t n = p0 / S, s = p0 % S;
     for (int64_t p = p0; p < p1; ++p) {
-      bn_relu_backward_row<scalar_t, true, GradMode::kNone>(
-          x.data + n * x.sN + s * x.sS, static_cast<scalar_t*>(nullptr), dz.data + n * dz.sN + s * dz.sS, C, bn.mean,
-          bn.invstd, bn.gamma, bn.beta, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
-          static_cast<const acc_t*>(nullptr), chunk.data(), chunk.data() + C);
+      bn_relu_backward_row<scalar_t, true, GradMode::kNone>(x.data + n * x.sN + s * x.sS, nullptr,
+                                                            dz.data + n * dz.sN + s * dz.sS, C, coefs, chunk.data(),
+                                                            chunk.data() + C);
       if (++s == S) s = 0, ++n;
     }
     for (int64_t i = 0; i < 2 * C; ++i) acc[i] += chunk[i];
@@ -73,21 +65,19 @@ void reduce_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>&
   std::copy(sums.begin() + C, sums.end(), sum_gx);
 }
 
-// grad_x = k * (g - mg - x_hat * mgx), k = gamma * invstd (mg = mgx = 0 in eval mode).
+// grad_x = k * (g - mean_g - x_hat * mean_gx) (the means are 0 in eval mode).
 template <typename scalar_t>
 void grad_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>& x, const View3<scalar_t>& dx,
-                 const BN<acc_type<scalar_t>>& bn, const acc_type<scalar_t>* k, const acc_type<scalar_t>* mg,
-                 const acc_type<scalar_t>* mgx, bool cl) {
-  using acc_t = acc_type<scalar_t>;
+                 const BNBackward<acc_type<scalar_t>>& coefs, bool cl) {
   const int64_t C = x.C, S = x.S;
   if (!cl) {
     at::parallel_for(0, x.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t n = i / C, c = i % C;
-        const acc_t p[7] = {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], k[c], mg[c], mgx[c]};
         bn_relu_backward_run<scalar_t, false, GradMode::kStore>(x.data + n * x.sN + c * x.sC,
                                                                 dx.data + n * dx.sN + c * dx.sC,
-                                                                dz.data + n * dz.sN + c * dz.sC, S, p, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+                                                                dz.data + n * dz.sN + c * dz.sC, S, coefs.channel(c),
+                                                                nullptr, nullptr);
       }
     });
     return;
@@ -95,9 +85,10 @@ void grad_kernel(const View3<const scalar_t>& dz, const View3<const scalar_t>& x
   at::parallel_for(0, x.N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C)), [&](int64_t b, int64_t e) {
     int64_t n = b / S, s = b % S;
     for (int64_t p = b; p < e; ++p) {
-      bn_relu_backward_row<scalar_t, false, GradMode::kStore>(
-          x.data + n * x.sN + s * x.sS, dx.data + n * dx.sN + s * dx.sS, dz.data + n * dz.sN + s * dz.sS, C, bn.mean,
-          bn.invstd, bn.gamma, bn.beta, k, mg, mgx, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+      bn_relu_backward_row<scalar_t, false, GradMode::kStore>(x.data + n * x.sN + s * x.sS,
+                                                              dx.data + n * dx.sN + s * dx.sS,
+                                                              dz.data + n * dz.sN + s * dz.sS, C, coefs, nullptr,
+                                                              nullptr);
       if (++s == S) s = 0, ++n;
     }
   });
@@ -143,24 +134,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpp(const at::Te
   const double count = static_cast<double>(x.numel() / C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto bn = bn_params<acc_t>(m, is, g, b);
     const auto xv = view3<const scalar_t>(x);
     const auto dzv = view3<const scalar_t>(dz);
+    BNBackward<acc_t> coefs(bn_params<acc_t>(m, is, g, b), C);
     std::vector<double> sum_g(C), sum_gx(C);
-    reduce_kernel<scalar_t>(dzv, xv, bn, cl, sum_g.data(), sum_gx.data());
-    std::vector<acc_t> k(C), mg(C, acc_t(0)), mgx(C, acc_t(0));
-    acc_t* gg = grad_gamma.data_ptr<acc_t>();
-    acc_t* gb = grad_beta.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      gb[c] = static_cast<acc_t>(sum_g[c]);
-      gg[c] = static_cast<acc_t>(sum_gx[c]);
-      k[c] = bn.gamma[c] * bn.invstd[c];
-      if (training) {
-        mg[c] = static_cast<acc_t>(gb[c] / static_cast<acc_t>(count));
-        mgx[c] = static_cast<acc_t>(gg[c] / static_cast<acc_t>(count));
-      }
-    }
-    grad_kernel<scalar_t>(dzv, xv, view3<scalar_t>(dx), bn, k.data(), mg.data(), mgx.data(), cl);
+    reduce_kernel<scalar_t>(dzv, xv, coefs, cl, sum_g.data(), sum_gx.data());
+    finalize_bn_sums(sum_g.data(), sum_gx.data(), count, training, grad_gamma, grad_beta, coefs);
+    grad_kernel<scalar_t>(dzv, xv, view3<scalar_t>(dx), coefs, cl);
   });
   return {dx, grad_gamma, grad_beta};
 }

@@ -46,6 +46,33 @@ struct PoolGeometry {
     const int64_t o2 = q % O[2], o1 = (q / O[2]) % O[1], o0 = q / (O[2] * O[1]);
     return ((k[0] * o0) * D[1] + k[1] * o1) * D[2] + k[2] * o2;
   }
+
+  // Output pixel (within a sample) of input pixel s, or -1 when the floor cuts it off.
+  int64_t pooled_index(int64_t s) const {
+    const int64_t i2 = s % D[2], i1 = (s / D[2]) % D[1], i0 = s / (D[2] * D[1]);
+    const int64_t o0 = i0 / k[0], o1 = i1 / k[1], o2 = i2 / k[2];
+    if (o0 >= O[0] || o1 >= O[1] || o2 >= O[2]) return -1;
+    return (o0 * O[1] + o1) * O[2] + o2;
+  }
+
+  // dup [S] = one (sample, channel) plane dp [Os] of the pooled gradient times inv_k, spread over each
+  // window; 0 where the floor cuts off.
+  template <typename acc_t>
+  void upsample_plane(const acc_t* dp, acc_t inv_k, acc_t* dup) const {
+    const int64_t W = D[2];
+    for (int64_t i0 = 0; i0 < D[0]; ++i0) {
+      for (int64_t i1 = 0; i1 < D[1]; ++i1) {
+        acc_t* row = dup + (i0 * D[1] + i1) * W;
+        if (i0 >= k[0] * O[0] || i1 >= k[1] * O[1]) {
+          std::fill(row, row + W, acc_t(0));
+          continue;
+        }
+        const acc_t* dpr = dp + ((i0 / k[0]) * O[1] + i1 / k[1]) * O[2];
+        for (int64_t w = 0; w < O[2]; ++w) row[2 * w] = row[2 * w + 1] = dpr[w] * inv_k;  // k[2] is 2
+        std::fill(row + 2 * O[2], row + W, acc_t(0));
+      }
+    }
+  }
 };
 
 // For output pixels q0 .. q1-1 (global index q = n * Os + o): element offset in x (without the channel
@@ -169,6 +196,139 @@ at::Tensor bn_relu_pool_conv1x1_cpp(const at::Tensor& x_in, const at::Tensor& me
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
+// The three backward passes (see the file comment), sharing x, the BatchNorm coefficients and dP.
+template <typename scalar_t>
+struct PoolBackward {
+  using acc_t = acc_type<scalar_t>;
+  View3<const scalar_t> x;
+  const PoolGeometry& pg;
+  const BNBackward<acc_t>& coefs;
+  bool cl;
+  at::Tensor dp;  // dP = W^T dY for all output pixels: [C, Po] (channels-first) or [Po, C] (channels-last)
+  acc_t inv_k;    // 1 / 2^d
+
+  // Pass 1, tiles of output pixels: the pooled activation P is recomputed, grad_weight = sum dY P^T,
+  // dP = W^T dY.  dy: [Po, B] rows (channels-last) or [N, B, Os] (channels-first), in acc_t.
+  void grad_weight_and_dp(const at::Tensor& dy, const at::Tensor& w_acc, at::Tensor& grad_weight) {
+    const int64_t N = x.N, C = x.C, B = w_acc.size(0), Po = N * pg.Os;
+    if (Po == 0 || B == 0) {
+      dp.zero_();
+      return;
+    }
+    const acc_t* dyp = dy.data_ptr<acc_t>();
+    const Tiling tiling = plan_tiles(Po, (C + B) * static_cast<int64_t>(sizeof(acc_t)), tile_bytes());
+    const int64_t T = tiling.tile, ntiles = tiling.ntiles;
+    const int64_t nchunks = std::min(ntiles, tiling.nthreads);
+    at::Tensor dw_partial = at::zeros({nchunks, B, C}, w_acc.options());
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS is per thread
+      at::Tensor pbuf = cl ? at::empty({T, C}, w_acc.options()) : at::empty({C, T}, w_acc.options());
+      at::Tensor dybuf = cl ? at::Tensor() : at::empty({B, T}, w_acc.options());
+      std::vector<int64_t> offs;
+      std::vector<acc_t> row;
+      std::vector<Segment> segs;
+      for (int64_t chunk = k0; chunk < k1; ++chunk) {
+        at::Tensor dw = dw_partial.select(0, chunk);
+        for (int64_t t = ntiles * chunk / nchunks; t < ntiles * (chunk + 1) / nchunks; ++t) {
+          const int64_t q0 = t * T, q1 = std::min(Po, q0 + T), len = q1 - q0;
+          window_offsets(pg, x.sN, x.sS, q0, q1, offs);
+          pooled_tile<scalar_t, acc_t, false>(x, coefs.bn, pg, offs, cl, pbuf.data_ptr<acc_t>(), cl ? C : T, row);
+          if (cl) {
+            const at::Tensor dyt = dy.narrow(0, q0, len);  // [len, B]
+            dw.addmm_(dyt.t(), pbuf.narrow(0, 0, len));
+            at::Tensor dpt = dp.narrow(0, q0, len);
+            at::mm_out(dpt, dyt, w_acc);
+            continue;
+          }
+          tile_segments(q0, q1, pg.Os, segs);  // gather the tile's dY columns [B, len]
+          acc_t* d = dybuf.data_ptr<acc_t>();
+          for (int64_t bb = 0; bb < B; ++bb) {
+            for (const Segment& seg : segs) {
+              const acc_t* src = dyp + (seg.n * B + bb) * pg.Os + seg.s;
+              std::copy(src, src + seg.len, d + bb * T + seg.j);
+            }
+          }
+          const at::Tensor dyt = dybuf.narrow(1, 0, len);
+          dw.addmm_(dyt, pbuf.narrow(1, 0, len).t());
+          at::Tensor dpt = dp.narrow(1, q0, len);
+          at::mm_out(dpt, w_acc.t(), dyt);
+        }
+      }
+    });
+    at::sum_out(grad_weight, dw_partial, {0});
+  }
+
+  // Pass 2: per-channel sums of g and g * x_hat (deterministic order), g = dP / 2^d upsampled and
+  // masked: sum g [C], then sum g * x_hat [C].
+  std::vector<double> channel_sums() const {
+    const int64_t N = x.N, C = x.C, S = pg.S, Po = N * pg.Os;
+    const acc_t* dpp = dp.data_ptr<acc_t>();
+    if (!cl) {
+      std::vector<double> total(static_cast<size_t>(2 * C), 0.0);
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> dup(S);
+        for (int64_t c = c0; c < c1; ++c) {
+          const ChannelBN<acc_t> p = coefs.channel(c);
+          double sg = 0, sgx = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            pg.upsample_plane(dpp + c * Po + n * pg.Os, inv_k, dup.data());
+            add_run_sums(x.data + n * x.sN + c * x.sC, dup.data(), S, p, sg, sgx);
+          }
+          total[c] = sg;
+          total[C + c] = sgx;
+        }
+      });
+      return total;
+    }
+    return chunked_channel_sums(N * S, C, 2, [&](int64_t p0, int64_t p1, double* out) {
+      std::vector<acc_t> sums(2 * C, acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / S, s = p % S, q = pg.pooled_index(s);
+        if (q < 0) continue;
+        bn_relu_backward_row<scalar_t, true, GradMode::kNone>(x.data + n * x.sN + s * x.sS, nullptr,
+                                                              dpp + (n * pg.Os + q) * C, C, coefs, sums.data(),
+                                                              sums.data() + C);
+      }
+      // the rows summed dP, not dP / 2^d: scaled once per chunk instead of per element
+      for (int64_t i = 0; i < 2 * C; ++i) out[i] += static_cast<double>(sums[i]) * inv_k;
+    });
+  }
+
+  // Pass 3: grad_x = k * (g - mean_g - x_hat * mean_gx) for every input pixel.
+  void grad_x(const View3<scalar_t>& dx) const {
+    const int64_t N = x.N, C = x.C, S = pg.S, Po = N * pg.Os;
+    const acc_t* dpp = dp.data_ptr<acc_t>();
+    if (!cl) {
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t i0, int64_t i1) {
+        std::vector<acc_t> dup(S);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = i / C, c = i % C;
+          pg.upsample_plane(dpp + c * Po + n * pg.Os, inv_k, dup.data());
+          bn_relu_backward_run<scalar_t, false, GradMode::kStore>(x.data + n * x.sN + c * x.sC,
+                                                                  dx.data + n * dx.sN + c * dx.sC, dup.data(), S,
+                                                                  coefs.channel(c), nullptr, nullptr);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t p0, int64_t p1) {
+      std::vector<acc_t> scaled(C), zeros(C, acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / S, s = p % S, q = pg.pooled_index(s);
+        const acc_t* dz = zeros.data();
+        if (q >= 0) {
+          const acc_t* dpr = dpp + (n * pg.Os + q) * C;
+          for (int64_t c = 0; c < C; ++c) scaled[c] = dpr[c] * inv_k;
+          dz = scaled.data();
+        }
+        bn_relu_backward_row<scalar_t, false, GradMode::kStore>(x.data + n * x.sN + s * x.sS,
+                                                                dx.data + n * dx.sN + s * dx.sS, dz, C, coefs,
+                                                                nullptr, nullptr);
+      }
+    });
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_conv1x1_backward_cpp(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& weight, bool training) {
@@ -195,174 +355,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_conv1x1_
   if (P == 0 || C == 0) return {grad_x.zero_(), grad_weight.to(weight.scalar_type()), grad_gamma, grad_beta};
   const auto m = mean.contiguous(), is = invstd.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
   const at::Tensor w_acc = weight.to(acc).contiguous();
-  const double count = static_cast<double>(P);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto bn = bn_params<acc_t>(m, is, g, b);
-    const auto xv = view3<const scalar_t>(x);
-    const acc_t* dyp = dy.data_ptr<acc_t>();
-    // dP = W^T dY for all output pixels: [C, Po] (channels-first) or [Po, C] (channels-last).
-    at::Tensor dp_all = cl ? at::empty({Po, C}, w_acc.options()) : at::empty({C, Po}, w_acc.options());
-    const acc_t* dpp = dp_all.data_ptr<acc_t>();
-    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(pg.K);
-
-    const int64_t S = pg.S;
-
-    // Pass 1, tiles of output pixels: the pooled activation P is recomputed, grad_weight += dY P^T,
-    // dP = W^T dY.
-    if (Po > 0 && B > 0) {
-      const Tiling tiling = plan_tiles(Po, (C + B) * static_cast<int64_t>(sizeof(acc_t)), tile_bytes());
-      const int64_t T = tiling.tile, ntiles = tiling.ntiles;
-      const int64_t nchunks = std::min(ntiles, tiling.nthreads);
-      at::Tensor dw_partial = at::zeros({nchunks, B, C}, w_acc.options());
-      at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-        at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS is per thread
-        at::Tensor pbuf = cl ? at::empty({T, C}, w_acc.options()) : at::empty({C, T}, w_acc.options());
-        at::Tensor dybuf = cl ? at::Tensor() : at::empty({B, T}, w_acc.options());
-        std::vector<int64_t> offs;
-        std::vector<acc_t> row;
-        std::vector<Segment> segs;
-        for (int64_t chunk = k0; chunk < k1; ++chunk) {
-          at::Tensor dw = dw_partial.select(0, chunk);
-          for (int64_t t = ntiles * chunk / nchunks; t < ntiles * (chunk + 1) / nchunks; ++t) {
-            const int64_t q0 = t * T, q1 = std::min(Po, q0 + T), len = q1 - q0;
-            window_offsets(pg, xv.sN, xv.sS, q0, q1, offs);
-            pooled_tile<scalar_t, acc_t, false>(xv, bn, pg, offs, cl, pbuf.data_ptr<acc_t>(), cl ? C : T, row);
-            if (cl) {
-              const at::Tensor dyt = dy.narrow(0, q0, len);  // [len, B]
-              dw.addmm_(dyt.t(), pbuf.narrow(0, 0, len));
-              at::Tensor dpt = dp_all.narrow(0, q0, len);
-              at::mm_out(dpt, dyt, w_acc);
-              continue;
-            }
-            tile_segments(q0, q1, pg.Os, segs);  // gather the tile's dY columns [B, len]
-            acc_t* d = dybuf.data_ptr<acc_t>();
-            for (int64_t bb = 0; bb < B; ++bb) {
-              for (const Segment& seg : segs) {
-                const acc_t* src = dyp + (seg.n * B + bb) * pg.Os + seg.s;
-                std::copy(src, src + seg.len, d + bb * T + seg.j);
-              }
-            }
-            const at::Tensor dyt = dybuf.narrow(1, 0, len);
-            dw.addmm_(dyt, pbuf.narrow(1, 0, len).t());
-            at::Tensor dpt = dp_all.narrow(1, q0, len);
-            at::mm_out(dpt, w_acc.t(), dyt);
-          }
-        }
-      });
-      at::sum_out(grad_weight, dw_partial, {0});
-    } else {
-      dp_all.zero_();
-    }
-
-    // The gradient reaching relu's output: dP / 2^d spread over each window, 0 where the floor cuts off.
-    // Channels-first upsamples one (sample, channel) plane of dP at a time into dup [S].
-    const int64_t W = pg.D[2];
-    auto upsample_plane = [&](int64_t c, int64_t n, acc_t* dup) {
-      const acc_t* dpn = dpp + c * Po + n * pg.Os;
-      for (int64_t i0 = 0; i0 < pg.D[0]; ++i0) {
-        for (int64_t i1 = 0; i1 < pg.D[1]; ++i1) {
-          acc_t* row = dup + (i0 * pg.D[1] + i1) * W;
-          if (i0 >= pg.k[0] * pg.O[0] || i1 >= pg.k[1] * pg.O[1]) {
-            std::fill(row, row + W, acc_t(0));
-            continue;
-          }
-          const acc_t* dpr = dpn + ((i0 / pg.k[0]) * pg.O[1] + i1 / pg.k[1]) * pg.O[2];
-          for (int64_t w = 0; w < pg.O[2]; ++w) row[2 * w] = row[2 * w + 1] = dpr[w] * inv_k;  // k[2] is 2
-          std::fill(row + 2 * pg.O[2], row + W, acc_t(0));
-        }
-      }
-    };
-    // Output pixel (within a sample) of input pixel s, or -1 when the floor cuts it off.
-    auto pooled_index = [&](int64_t s) -> int64_t {
-      const int64_t i2 = s % pg.D[2], i1 = (s / pg.D[2]) % pg.D[1], i0 = s / (pg.D[2] * pg.D[1]);
-      const int64_t o0 = i0 / pg.k[0], o1 = i1 / pg.k[1], o2 = i2 / pg.k[2];
-      if (o0 >= pg.O[0] || o1 >= pg.O[1] || o2 >= pg.O[2]) return -1;
-      return (o0 * pg.O[1] + o1) * pg.O[2] + o2;
-    };
-    // Pass 2: per-channel sums of g and g * x_hat (deterministic order).
-    std::vector<double> total(static_cast<size_t>(2 * C), 0.0);
-    if (!cl) {
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<acc_t> dup(S);
-        for (int64_t c = c0; c < c1; ++c) {
-          const acc_t p[7] = {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], acc_t(0), acc_t(0), acc_t(0)};
-          double sg = 0, sgx = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            acc_t lg[kLanes] = {0}, lgx[kLanes] = {0};
-            upsample_plane(c, n, dup.data());
-            bn_relu_backward_run<scalar_t, true, GradMode::kNone>(xv.data + n * xv.sN + c * xv.sC,
-                                                                  static_cast<scalar_t*>(nullptr), dup.data(), S, p, lg,
-                                                                  lgx);
-            for (int u = 0; u < kLanes; ++u) sg += lg[u], sgx += lgx[u];
-          }
-          total[c] = sg;
-          total[C + c] = sgx;
-        }
-      });
-    } else {
-      total = chunked_channel_sums(P, C, 2, [&](int64_t p0, int64_t p1, double* out) {
-        std::vector<acc_t> sums(2 * C, acc_t(0));
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n = p / S, s = p % S, q = pooled_index(s);
-          if (q < 0) continue;
-          std::vector<acc_t>& d = sums;
-          bn_relu_backward_row<scalar_t, true, GradMode::kNone>(
-              xv.data + n * xv.sN + s * xv.sS, static_cast<scalar_t*>(nullptr), dpp + (n * pg.Os + q) * C, C, bn.mean,
-              bn.invstd, bn.gamma, bn.beta, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
-              static_cast<const acc_t*>(nullptr), d.data(), d.data() + C);
-        }
-        for (int64_t i = 0; i < 2 * C; ++i) out[i] += static_cast<double>(sums[i]) * inv_k;
-      });
-      // (the rows above summed dP, not dP / 2^d: scaled once per chunk instead of per element)
-    }
-
-    std::vector<acc_t> k(C), mg(C, acc_t(0)), mgx(C, acc_t(0));
-    acc_t* gg = grad_gamma.data_ptr<acc_t>();
-    acc_t* gbeta = grad_beta.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      gbeta[c] = static_cast<acc_t>(total[c]);
-      gg[c] = static_cast<acc_t>(total[C + c]);
-      k[c] = bn.gamma[c] * bn.invstd[c];
-      if (training) {
-        mg[c] = gbeta[c] / static_cast<acc_t>(count);
-        mgx[c] = gg[c] / static_cast<acc_t>(count);
-      }
-    }
-
-    // Pass 3: grad_x = k * (g - mean(g) - x_hat * mean(g * x_hat)) for every input pixel.
-    const auto dx = view3<scalar_t>(grad_x);
-    if (!cl) {
-      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)), [&](int64_t i0, int64_t i1) {
-        std::vector<acc_t> dup(S);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t n = i / C, c = i % C;
-          const acc_t p[7] = {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], k[c], mg[c], mgx[c]};
-          upsample_plane(c, n, dup.data());
-          bn_relu_backward_run<scalar_t, false, GradMode::kStore>(xv.data + n * xv.sN + c * xv.sC,
-                                                                  dx.data + n * dx.sN + c * dx.sC, dup.data(), S, p,
-                                                                  static_cast<acc_t*>(nullptr),
-                                                                  static_cast<acc_t*>(nullptr));
-        }
-      });
-    } else {
-      at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t p0, int64_t p1) {
-        std::vector<acc_t> scaled(C), zeros(C, acc_t(0));
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n = p / S, s = p % S, q = pooled_index(s);
-          const acc_t* dz = zeros.data();
-          if (q >= 0) {
-            const acc_t* dpr = dpp + (n * pg.Os + q) * C;
-            for (int64_t c = 0; c < C; ++c) scaled[c] = dpr[c] * inv_k;
-            dz = scaled.data();
-          }
-          bn_relu_backward_row<scalar_t, false, GradMode::kStore>(
-              xv.data + n * xv.sN + s * xv.sS, dx.data + n * dx.sN + s * dx.sS, dz, C, bn.mean, bn.invstd, bn.gamma,
-              bn.beta, k.data(), mg.data(), mgx.data(), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
-        }
-      });
-    }
+    BNBackward<acc_t> coefs(bn_params<acc_t>(m, is, g, b), C);
+    PoolBackward<scalar_t> passes{view3<const scalar_t>(x), pg, coefs, cl,
+                                  cl ? at::empty({Po, C}, w_acc.options()) : at::empty({C, Po}, w_acc.options()),
+                                  acc_t(1) / static_cast<acc_t>(pg.K)};
+    passes.grad_weight_and_dp(dy, w_acc, grad_weight);
+    const std::vector<double> total = passes.channel_sums();
+    finalize_bn_sums(total.data(), total.data() + C, static_cast<double>(P), training, grad_gamma, grad_beta, coefs);
+    passes.grad_x(view3<scalar_t>(grad_x));
   });
   return {grad_x, grad_weight.to(weight.scalar_type()), grad_gamma, grad_beta};
 }

@@ -22,46 +22,49 @@ inline double sum_run(const scalar_t* p, int64_t len, const F& f) {
   return s + tail;
 }
 
+// sum of f(x) over one channel's pixels (channels-first): the (n, c) planes in order.
+template <typename scalar_t, typename F>
+double channel_sum_cf(const View3<const scalar_t>& x, int64_t c, const F& f) {
+  double sum = 0;
+  for (int64_t n = 0; n < x.N; ++n) sum += sum_run(x.data + n * x.sN + c * x.sC, x.S, f);
+  return sum;
+}
+
+// Per-channel sums of f(x, c) over all pixels (channels-last), in the deterministic chunk order.
+template <typename scalar_t, typename F>
+std::vector<double> channel_sums_cl(const View3<const scalar_t>& x, const F& f) {
+  const int64_t C = x.C, S = x.S;
+  return chunked_channel_sums(x.N * S, C, 1, [&](int64_t p0, int64_t p1, double* acc) {
+    for (int64_t g = p0; g < p1; ++g) {
+      const scalar_t* row = x.data + (g / S) * x.sN + (g % S) * x.sS;
+      for (int64_t c = 0; c < C; ++c) acc[c] += f(static_cast<double>(row[c]), c);
+    }
+  });
+}
+
+// Channels-first: both passes over a channel in one task (its planes are still in cache for the second).
 template <typename scalar_t>
 void stats_channels_first(const View3<const scalar_t>& x, double* mean, double* var) {
   const double count = static_cast<double>(x.N * x.S);
   at::parallel_for(0, x.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double sum = 0;
-      for (int64_t n = 0; n < x.N; ++n) {
-        sum += sum_run(x.data + n * x.sN + c * x.sC, x.S, [](double v) { return v; });
-      }
-      const double m = sum / count;
-      double sq = 0;
-      for (int64_t n = 0; n < x.N; ++n) {
-        sq += sum_run(x.data + n * x.sN + c * x.sC, x.S, [m](double v) { return (v - m) * (v - m); });
-      }
+      const double m = channel_sum_cf(x, c, [](double v) { return v; }) / count;
       mean[c] = m;
-      var[c] = sq / count;
+      var[c] = channel_sum_cf(x, c, [m](double v) { return (v - m) * (v - m); }) / count;
     }
   });
 }
 
+// Channels-last: a pass for the means, then one for the squared deviations.
 template <typename scalar_t>
 void stats_channels_last(const View3<const scalar_t>& x, double* mean, double* var) {
-  const int64_t C = x.C, S = x.S, P = x.N * x.S;
-  const double count = static_cast<double>(P);
-  auto pixel = [&](int64_t g) { return x.data + (g / S) * x.sN + (g % S) * x.sS; };
-  auto sums = chunked_channel_sums(P, C, 1, [&](int64_t p0, int64_t p1, double* acc) {
-    for (int64_t g = p0; g < p1; ++g) {
-      const scalar_t* row = pixel(g);
-      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(row[c]);
-    }
-  });
+  const int64_t C = x.C;
+  const double count = static_cast<double>(x.N * x.S);
+  const auto sums = channel_sums_cl(x, [](double v, int64_t) { return v; });
   for (int64_t c = 0; c < C; ++c) mean[c] = sums[c] / count;
-  auto squares = chunked_channel_sums(P, C, 1, [&](int64_t p0, int64_t p1, double* acc) {
-    for (int64_t g = p0; g < p1; ++g) {
-      const scalar_t* row = pixel(g);
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = static_cast<double>(row[c]) - mean[c];
-        acc[c] += d * d;
-      }
-    }
+  const auto squares = channel_sums_cl(x, [mean](double v, int64_t c) {
+    const double d = v - mean[c];
+    return d * d;
   });
   for (int64_t c = 0; c < C; ++c) var[c] = squares[c] / count;
 }

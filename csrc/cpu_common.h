@@ -265,6 +265,49 @@ inline BN<acc_t> bn_params(const at::Tensor& mean, const at::Tensor& invstd, con
   return {mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>()};
 }
 
+// The BatchNorm + ReLU backward with g = dz * (x_hat * gamma + beta > 0), x_hat = (x - mean) * invstd:
+//   grad_x = k * (g - mean_g - x_hat * mean_gx),  k = gamma * invstd,
+// mean_g = mean(g) and mean_gx = mean(g * x_hat) over the pixels in training mode, 0 in eval mode.
+// ChannelBN holds one channel's numbers (for the channels-first runs), BNBackward all channels'.
+template <typename acc_t>
+struct ChannelBN {
+  acc_t mean, invstd, gamma, beta;
+  acc_t k;        // gamma * invstd
+  acc_t mean_g;   // mean(g)         (0 until the sums are finalized, and in eval mode)
+  acc_t mean_gx;  // mean(g * x_hat) (likewise)
+};
+
+template <typename acc_t>
+struct BNBackward {
+  BN<acc_t> bn;
+  std::vector<acc_t> k, mean_g, mean_gx;
+
+  BNBackward(const BN<acc_t>& bn_, int64_t C) : bn(bn_), k(C), mean_g(C, acc_t(0)), mean_gx(C, acc_t(0)) {
+    for (int64_t c = 0; c < C; ++c) k[c] = bn.gamma[c] * bn.invstd[c];
+  }
+
+  ChannelBN<acc_t> channel(int64_t c) const {
+    return {bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c], k[c], mean_g[c], mean_gx[c]};
+  }
+};
+
+// From the per-channel sums (double) of g and g * x_hat: grad_beta = sum g, grad_gamma = sum g * x_hat,
+// and in training mode coefs.mean_g / mean_gx = those / count (count = pixels per channel).
+template <typename acc_t>
+inline void finalize_bn_sums(const double* sum_g, const double* sum_gx, double count, bool training,
+                             at::Tensor& grad_gamma, at::Tensor& grad_beta, BNBackward<acc_t>& coefs) {
+  acc_t* gg = grad_gamma.data_ptr<acc_t>();
+  acc_t* gb = grad_beta.data_ptr<acc_t>();
+  for (int64_t c = 0; c < grad_gamma.size(0); ++c) {
+    gb[c] = static_cast<acc_t>(sum_g[c]);
+    gg[c] = static_cast<acc_t>(sum_gx[c]);
+    if (training) {
+      coefs.mean_g[c] = gb[c] / static_cast<acc_t>(count);
+      coefs.mean_gx[c] = gg[c] / static_cast<acc_t>(count);
+    }
+  }
+}
+
 // relu as torch.relu: NaN propagates.
 template <typename T>
 inline T relu(T v) {
@@ -362,14 +405,14 @@ enum class GradMode {
 // The BatchNorm + ReLU backward of one channel's contiguous run of len pixels:
 //   x_hat = (x - mean) * invstd,  g = dz * (x_hat * gamma + beta > 0)
 // SUMS adds g and g * x_hat into the kLanes partial sums lg / lgx (unused, may be null, without SUMS);
-// MODE says what is written to out (unused, may be null, for kNone).
-// p = {mean, invstd, gamma, beta, k, a, b}.  Explicit 4-lane SIMD for float (the auto-vectorizer
-// handles these short runs with reductions badly), plain loops for the other types.
+// MODE says what is written to out (unused, may be null, for kNone), with a = p.mean_g, b = p.mean_gx.
+// Explicit 4-lane SIMD for float (the auto-vectorizer handles these short runs with reductions badly),
+// plain loops for the other types.
 template <typename scalar_t, bool SUMS, GradMode MODE, typename grad_t, typename acc_t>
 inline void bn_relu_backward_run(const scalar_t* __restrict xp, scalar_t* __restrict out, const grad_t* __restrict dz,
-                                 int64_t len, const acc_t* __restrict p, acc_t* __restrict lg,
-                                 acc_t* __restrict lgx) {
-  const acc_t m = p[0], is = p[1], ga = p[2], be = p[3], kc = p[4], a = p[5], b = p[6];
+                                 int64_t len, const ChannelBN<acc_t>& p, std::type_identity_t<acc_t>* __restrict lg,
+                                 std::type_identity_t<acc_t>* __restrict lgx) {
+  const acc_t m = p.mean, is = p.invstd, ga = p.gamma, be = p.beta, kc = p.k, a = p.mean_g, b = p.mean_gx;
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<grad_t, float>) {
     static_assert(kLanes == 8, "two 4-lane vectors per sum");
@@ -451,6 +494,28 @@ inline void bn_relu_backward_row(const scalar_t* __restrict xr, scalar_t* __rest
     if constexpr (MODE == GradMode::kAddLocal) out[c] = add_rounded<scalar_t, acc_t>(out[c], gg * k[c]);
     if constexpr (MODE == GradMode::kAddFull) out[c] = add_rounded<scalar_t, acc_t>(out[c], (gg - a[c] - xh * b[c]) * k[c]);
     if constexpr (MODE == GradMode::kStore) out[c] = static_cast<scalar_t>((gg - a[c] - xh * b[c]) * k[c]);
+  }
+}
+
+// bn_relu_backward_row with all channels' numbers from coefs (a = mean_g, b = mean_gx).
+template <typename scalar_t, bool SUMS, GradMode MODE, typename grad_t, typename acc_t>
+inline void bn_relu_backward_row(const scalar_t* xr, scalar_t* out, const grad_t* dz, int64_t C,
+                                 const BNBackward<acc_t>& coefs, std::type_identity_t<acc_t>* sg,
+                                 std::type_identity_t<acc_t>* sgx) {
+  bn_relu_backward_row<scalar_t, SUMS, MODE>(xr, out, dz, C, coefs.bn.mean, coefs.bn.invstd, coefs.bn.gamma,
+                                             coefs.bn.beta, coefs.k.data(), coefs.mean_g.data(),
+                                             coefs.mean_gx.data(), sg, sgx);
+}
+
+// Adds sum g and sum g * x_hat of one channel's contiguous run to sg, sgx (lanes folded in order).
+template <typename scalar_t, typename grad_t, typename acc_t>
+inline void add_run_sums(const scalar_t* xp, const grad_t* dz, int64_t len, const ChannelBN<acc_t>& p, double& sg,
+                         double& sgx) {
+  acc_t lg[kLanes] = {0}, lgx[kLanes] = {0};
+  bn_relu_backward_run<scalar_t, true, GradMode::kNone>(xp, nullptr, dz, len, p, lg, lgx);
+  for (int u = 0; u < kLanes; ++u) {
+    sg += lg[u];
+    sgx += lgx[u];
   }
 }
 
