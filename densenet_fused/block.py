@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import distributed
 from . import norm as bn
 from .ops import bn_relu, bn_relu_backward, bn_relu_conv1x1, bn_relu_conv1x1_backward, bn_relu_pool_conv1x1
+from .ops import bn_relu_pool_conv1x1_backward
 from .ops import channel_stats
 from .ops._autograd import as_batch_stats, grad_leaves
 from .ops._backend import acc_dtype, empty_like_layout
@@ -60,11 +61,14 @@ def layer_types(spatial_dims: int) -> LayerTypes:
 
 @dataclass(frozen=True)
 class _LayerPlan:
-    """What one layer does in this forward: batch or running stats per norm, dropout, recompute."""
+    """What one layer does in this forward: its widths, batch or running statistics per norm (``training``,
+    as in F.batch_norm and the primitives), dropout, and whether backward recomputes the bottleneck."""
 
-    batch1: bool
+    growth: int
+    width: int
+    training1: bool
     eps1: float
-    batch2: bool
+    training2: bool
     eps2: float
     drop: float
     keep_bottleneck: bool
@@ -94,14 +98,14 @@ def _running_stats(plans: list["_LayerPlan"], running: list[Tensor]) -> list[tup
     """Per layer, (mean, invstd) of norm1 and of norm2 from the flat ``running`` list, None where a norm uses
     batch statistics (``running`` holds only the others, in layer order)."""
     stats = iter(running)
-    return [tuple(None if batch else (next(stats), next(stats)) for batch in (plan.batch1, plan.batch2)) for plan in plans]
+    return [tuple(None if training else (next(stats), next(stats)) for training in (plan.training1, plan.training2)) for plan in plans]
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(_LayerPlan))
 
 
 def _plan_args(plans: list[_LayerPlan]) -> list[list]:
-    """The plans as the op's per-field lists (batch1: bool[], eps1: float[], ...)."""
+    """The plans as the op's per-field lists (growth: int[], width: int[], training1: bool[], ...)."""
     return [[getattr(plan, name) for plan in plans] for name in _PLAN_FIELDS]
 
 
@@ -129,12 +133,17 @@ def _norm_inputs(eps: float, batch_mean: Tensor, batch_var: Tensor, running: Opt
     return running
 
 
-def _batch_stats(x: Tensor, group, count) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x's batch, or of the whole process group's batch."""
+def _batch_stats(x: Tensor, sync) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x's batch, or with a ``sync`` hook of the group's batch."""
     mean, var = channel_stats(x)
-    if group is None:
-        return mean, var
-    return distributed.all_reduce_stats(mean, var, x.numel() // x.size(1), count, group)
+    return (mean, var) if sync is None else sync.stats(x, mean, var)
+
+
+def _synchronize_(sync, training: bool, grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma) -> None:
+    """After a primitive's backward ran the eval formula for a synchronized norm (training and sync), add the
+    group's training terms to grad_x in place; nothing to do otherwise."""
+    if training and sync is not None:
+        sync.backward_(grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma)
 
 
 def _apply_dropout(new: Tensor, mask: Tensor, drop: float) -> Tensor:
@@ -148,9 +157,11 @@ def dense_block(
     params: list[Tensor],
     running: list[Tensor],
     masks: list[Tensor],
-    batch1: list[bool],
+    growth: list[int],
+    width: list[int],
+    training1: list[bool],
     eps1: list[float],
-    batch2: list[bool],
+    training2: list[bool],
     eps2: list[float],
     drop: list[float],
     keep_bottleneck: list[bool],
@@ -166,9 +177,9 @@ def dense_block(
     Returns (buffer, mean, var, mean2, var2, kept bottlenecks): the batch statistics of every buffer channel
     and of each layer's bottleneck (zeros where unused).
     """
-    plans, layers = _plans([batch1, eps1, batch2, eps2, drop, keep_bottleneck]), _unflatten(params)
-    group = distributed.resolve_group(group)
-    growth, c0 = layers[0].conv2.size(0), sum(x.size(1) for x in inputs)
+    plans, layers = _plans([growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    sync = distributed.BatchNormSync.named(group, count)
+    growth, width, c0 = plans[0].growth, plans[0].width, sum(x.size(1) for x in inputs)
     buf = empty_like_layout(inputs[0], c0 + len(plans) * growth)
     start = 0
     for x in inputs:
@@ -177,38 +188,38 @@ def dense_block(
     acc = acc_dtype(buf.dtype)
     mean = buf.new_zeros(buf.size(1), dtype=acc)
     var = torch.zeros_like(mean)
-    any_batch = any(plan.batch1 for plan in plans)
+    any_batch = any(plan.training1 for plan in plans)
     if any_batch:
-        mean[:c0], var[:c0] = _batch_stats(buf[:, :c0], group, count)
-    mean2 = buf.new_zeros((len(plans), layers[0].conv1.size(0)), dtype=acc)
+        mean[:c0], var[:c0] = _batch_stats(buf[:, :c0], sync)
+    mean2 = buf.new_zeros((len(plans), width), dtype=acc)
     var2 = torch.zeros_like(mean2)
     masks, bottlenecks = iter(masks), []
     for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
         c = c0 + l * growth
         m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
-        bottleneck = bn_relu_conv1x1(buf[:, :c], m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1), plan.batch1)
-        if plan.batch2:
-            mean2[l], var2[l] = _batch_stats(bottleneck, group, count)
+        bottleneck = bn_relu_conv1x1(buf[:, :c], m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1), plan.training1)
+        if plan.training2:
+            mean2[l], var2[l] = _batch_stats(bottleneck, sync)
         m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
-        new = _conv3x3(bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2), p.conv2)
+        new = _conv3x3(bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.training2), p.conv2)
         if plan.drop > 0:
             new = _apply_dropout(new, next(masks), plan.drop)
         buf[:, c : c + growth].copy_(new)
         if any_batch:
-            mean[c : c + growth], var[c : c + growth] = _batch_stats(buf[:, c : c + growth], group, count)
+            mean[c : c + growth], var[c : c + growth] = _batch_stats(buf[:, c : c + growth], sync)
         if plan.keep_bottleneck:
             bottlenecks.append(bottleneck)
     return buf, mean, var, mean2, var2, bottlenecks
 
 
 @dense_block.register_fake
-def _dense_block_fake(inputs, params, running, masks, batch1, eps1, batch2, eps2, drop, keep_bottleneck, group, count):
-    layers = _unflatten(params)
-    growth, width = layers[0].conv2.size(0), layers[0].conv1.size(0)
-    buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + len(layers) * growth)
+def _dense_block_fake(
+    inputs, params, running, masks, growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck, group, count
+):
+    buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + sum(growth))
     acc = acc_dtype(buf.dtype)
-    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(layers), width), dtype=acc)
-    bottlenecks = [empty_like_layout(buf, width) for keep in keep_bottleneck if keep]
+    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(growth), width[0]), dtype=acc)
+    bottlenecks = [empty_like_layout(buf, width[0]) for keep in keep_bottleneck if keep]
     return buf, mean, torch.empty_like(mean), mean2, torch.empty_like(mean2), bottlenecks
 
 
@@ -224,9 +235,11 @@ def dense_block_backward(
     running: list[Tensor],
     masks: list[Tensor],
     bottlenecks: list[Tensor],
-    batch1: list[bool],
+    growth: list[int],
+    width: list[int],
+    training1: list[bool],
     eps1: list[float],
-    batch2: list[bool],
+    training2: list[bool],
     eps2: list[float],
     drop: list[float],
     keep_bottleneck: list[bool],
@@ -237,10 +250,10 @@ def dense_block_backward(
 
     Only the buffer's input channels of the first tensor are meaningful to the caller.
     """
-    plans, layers = _plans([batch1, eps1, batch2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    plans, layers = _plans([growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck]), _unflatten(params)
     running = _running_stats(plans, running)
-    group = distributed.resolve_group(group)
-    growth = layers[0].conv2.size(0)
+    sync = distributed.BatchNormSync.named(group, count)
+    growth = plans[0].growth
     c0 = buf.size(1) - len(plans) * growth
     grad_buffer = empty_like_layout(buf, buf.size(1))
     grad_buffer.copy_(grad_buf)
@@ -254,30 +267,24 @@ def dense_block_backward(
         if plan.keep_bottleneck:
             bottleneck = bottlenecks.pop()
         else:
-            bottleneck = bn_relu_conv1x1(x, m1, is1, p.gamma1, p.beta1, w1, plan.batch1)
+            bottleneck = bn_relu_conv1x1(x, m1, is1, p.gamma1, p.beta1, w1, plan.training1)
         grad_new = grad_buffer[:, c : c + growth]
         if plan.drop > 0:
             grad_new = _apply_dropout(grad_new, masks.pop(), plan.drop)
-        z2 = bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2)
+        z2 = bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.training2)
         grad_z2, grad_w2 = _conv3x3_backward(grad_new, z2, p.conv2)
         del z2, grad_new
         # Synchronized norms run the eval formula here and get the group's training terms after it.
-        sync = group is not None
+        local = sync is None
         grad_bottleneck, grad_g2, grad_b2 = bn_relu_backward(
-            grad_z2, bottleneck, m2, is2, p.gamma2, p.beta2, plan.batch2 and not sync
+            grad_z2, bottleneck, m2, is2, p.gamma2, p.beta2, plan.training2 and local
         )
-        if plan.batch2 and sync:
-            distributed.sync_batch_norm_backward_(
-                grad_bottleneck, bottleneck, m2, is2, p.gamma2, grad_b2, grad_g2, count, group
-            )
+        _synchronize_(sync, plan.training2, grad_bottleneck, bottleneck, m2, is2, p.gamma2, grad_b2, grad_g2)
         del grad_z2, bottleneck
         grad_w1, grad_g1, grad_b1 = bn_relu_conv1x1_backward(
-            grad_bottleneck, x, m1, is1, p.gamma1, p.beta1, w1, grad_buffer, plan.batch1 and not sync
+            grad_bottleneck, x, m1, is1, p.gamma1, p.beta1, w1, grad_buffer, plan.training1 and local
         )
-        if plan.batch1 and sync:
-            distributed.sync_batch_norm_backward_(
-                grad_buffer[:, :c], x, m1, is1, p.gamma1, grad_b1, grad_g1, count, group
-            )
+        _synchronize_(sync, plan.training1, grad_buffer[:, :c], x, m1, is1, p.gamma1, grad_b1, grad_g1)
         grads[:0] = [grad_g1, grad_b1, grad_w1.reshape(p.conv1.shape), grad_g2, grad_b2, grad_w2.contiguous()]
     return grad_buffer, grads
 
@@ -414,7 +421,7 @@ def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 
 
 def _batch_group(norms: list, size: torch.Size, x: Tensor, what: str):
-    """(process group, values per channel) of the batch statistics of ``norms`` on x (batch size ``size``).
+    """(sync hook or None, values per channel) of the batch statistics of ``norms`` on x (batch size ``size``).
 
     Local statistics reject a single value per channel as F.batch_norm does; synchronized ones do not, as
     SyncBatchNorm with more than one process does not.
@@ -424,7 +431,8 @@ def _batch_group(norms: list, size: torch.Size, x: Tensor, what: str):
     if group is None:
         bn.check_batch_size(size)
         return None, local_count
-    return group, distributed.global_count(local_count, x.device, group)
+    count = distributed.global_count(local_count, x.device, group)
+    return distributed.BatchNormSync(group, count), count
 
 
 def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tensor], what: str) -> Tensor:
@@ -438,15 +446,17 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     plans, params, running, batch_norms = [], [], [], []
     for layer in layers:
         plan = _LayerPlan(
-            batch1=bn.uses_batch_stats(layer.norm1),
+            growth=layer.conv2.out_channels,
+            width=layer.conv1.out_channels,
+            training1=bn.uses_batch_stats(layer.norm1),
             eps1=layer.norm1.eps,
-            batch2=bn.uses_batch_stats(layer.norm2),
+            training2=bn.uses_batch_stats(layer.norm2),
             eps2=layer.norm2.eps,
             drop=layer.drop_rate if layer.training else 0.0,
             keep_bottleneck=not layer.memory_efficient,
         )
         plans.append(plan)
-        for norm, batch in ((layer.norm1, plan.batch1), (layer.norm2, plan.batch2)):
+        for norm, batch in ((layer.norm1, plan.training1), (layer.norm2, plan.training2)):
             if batch:
                 batch_norms.append(norm)
             else:
@@ -454,21 +464,21 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
         gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
         gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
         params.append(_LayerParams(gamma1, beta1, layer.conv1.weight.to(dtype), gamma2, beta2, layer.conv2.weight.to(dtype)))
-    group, count = None, None
+    sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
-        group, count = _batch_group(batch_norms, size, x, what)
+        sync, count = _batch_group(batch_norms, size, x, what)
     masks = _dropout_masks(x, first.conv2.out_channels, plans)
     params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
-    group_count = count if group is not None else None  # the op needs it only to synchronize
+    group, group_count = (None, None) if sync is None else (sync.name, sync.count)
     buf, mean, var, mean2, var2 = _DenseBlockFunction.apply(
-        len(inputs), sizes, _plan_args(plans), distributed.group_name(group), group_count, *inputs, *params, *running, *masks
+        len(inputs), sizes, _plan_args(plans), group, group_count, *inputs, *params, *running, *masks
     )
     for l, layer in enumerate(layers):
         channels = layer.norm1.num_features
-        if plans[l].batch1:
+        if plans[l].training1:
             bn.update_running_stats(layer.norm1, mean[:channels], var[:channels], count)
-        if plans[l].batch2:
+        if plans[l].training2:
             bn.update_running_stats(layer.norm2, mean2[l], var2[l], count)
     return buf
 
@@ -561,14 +571,35 @@ class _Transition(nn.Sequential):
         weight = self.conv.weight.to(dtype).flatten(1)
         if not bn.uses_batch_stats(self.norm):
             return bn_relu_pool_conv1x1(input, *bn.running_stats(self.norm, acc), gamma, beta, weight, False)
-        group, count = _batch_group([self.norm], input.shape, input, "Transition")
+        sync, count = _batch_group([self.norm], input.shape, input, "Transition")
         with torch.no_grad():
-            mean, var = _batch_stats(input, group, count)
+            mean, var = _batch_stats(input, sync)
         bn.update_running_stats(self.norm, mean, var, count)
         invstd = torch.rsqrt(var + self.norm.eps)
-        if group is None:
+        if sync is None:
             return bn_relu_pool_conv1x1(input, mean, invstd, gamma, beta, weight, True)
-        return distributed.SyncTransitionFunction.apply(group, count, input, mean, invstd, gamma, beta, weight)
+        return _SyncTransitionFunction.apply(sync, input, mean, invstd, gamma, beta, weight)
+
+
+class _SyncTransitionFunction(torch.autograd.Function):
+    """The transition primitive normalizing with the group's batch statistics: its eval-formula backward,
+    then the sync hook's training terms, as in the block."""
+
+    @staticmethod
+    def forward(ctx, sync, x, mean, invstd, gamma, beta, weight):
+        ctx.sync = sync
+        ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
+        return bn_relu_pool_conv1x1(x, mean, invstd, gamma, beta, weight, False)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        distributed.refuse_double_backward("transition")
+        x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
+            grad_y, x, mean, invstd, gamma, beta, weight, False
+        )
+        _synchronize_(ctx.sync, True, grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma)
+        return None, grad_x, None, None, grad_gamma, grad_beta, grad_weight
 
 
 DenseBlock = _DenseBlock

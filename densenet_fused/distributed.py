@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward
 from .ops._backend import broadcast
 
 
@@ -57,17 +56,39 @@ def all_reduce_stats(mean: Tensor, var: Tensor, local_count: int, count: Tensor,
     return global_mean.to(mean.dtype), global_var.to(var.dtype)
 
 
-def sync_batch_norm_backward_(grad_x, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, group) -> None:
-    """Turn ``grad_x`` = gamma * invstd * dy (the eval formula) into SyncBatchNorm's training gradient, in place.
+class BatchNormSync:
+    """The one hook by which fused blocks and transitions synchronize their BatchNorms over ``group``.
 
-    Subtracts gamma * invstd * (sum dy + x_hat * sum dy x_hat) / count with both sums all-reduced over the group.
+    Forward: ``stats`` turns this rank's statistics of a channel into the group's.  Backward: the kernels
+    run the eval formula (grad_x = gamma * invstd * dy) and return the local sums of the training formula;
+    ``backward_`` all-reduces those and subtracts their term, as SyncBatchNorm's backward does.  ``count``
+    is the number of values per channel over the group.
     """
-    sums = torch.stack([sum_dy, sum_dy_xhat])
-    dist.all_reduce(sums, group=group)
-    scale = gamma * invstd / count
-    slope = scale * invstd * sums[1]
-    offset = scale * sums[0] - slope * mean
-    grad_x.sub_((broadcast(slope, x) * x + broadcast(offset, x)).to(grad_x.dtype))
+
+    def __init__(self, group, count: Tensor) -> None:
+        self.group, self.count = group, count
+
+    @classmethod
+    def named(cls, name: str | None, count: Tensor | None) -> "BatchNormSync | None":
+        """The hook for the group a custom op received by ``name`` (None: no synchronization)."""
+        return None if name is None else cls(dist.distributed_c10d._resolve_process_group(name), count)
+
+    @property
+    def name(self) -> str:
+        return self.group.group_name
+
+    def stats(self, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        return all_reduce_stats(mean, var, x.numel() // x.size(1), self.count, self.group)
+
+    def backward_(self, grad_x, x, mean, invstd, gamma, sum_dy, sum_dy_xhat) -> None:
+        """Turn ``grad_x`` from the eval formula into SyncBatchNorm's training gradient, in place: subtract
+        gamma * invstd * (sum dy + x_hat * sum dy x_hat) / count with both sums all-reduced over the group."""
+        sums = torch.stack([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=self.group)
+        scale = gamma * invstd / self.count
+        slope = scale * invstd * sums[1]
+        offset = scale * sums[0] - slope * mean
+        grad_x.sub_((broadcast(slope, x) * x + broadcast(offset, x)).to(grad_x.dtype))
 
 
 def refuse_double_backward(what: str) -> None:
@@ -78,33 +99,3 @@ def refuse_double_backward(what: str) -> None:
             "across processes) is not supported; compute that gradient with local BatchNorms, or with "
             "torchvision's DenseNet"
         )
-
-
-class SyncTransitionFunction(torch.autograd.Function):
-    """bn_relu_pool_conv1x1 normalizing with the group's batch statistics, its backward synchronized too."""
-
-    @staticmethod
-    def forward(ctx, group, count, x, mean, invstd, gamma, beta, weight):
-        ctx.group, ctx.count = group, count
-        ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
-        return bn_relu_pool_conv1x1(x, mean, invstd, gamma, beta, weight, False)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        refuse_double_backward("transition")
-        x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
-            grad_y, x, mean, invstd, gamma, beta, weight, False
-        )
-        sync_batch_norm_backward_(grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma, ctx.count, ctx.group)
-        return None, None, grad_x, None, None, grad_gamma, grad_beta, grad_weight
-
-
-def group_name(group) -> str | None:
-    """The name a custom op takes a process group by (None: no group)."""
-    return None if group is None else group.group_name
-
-
-def resolve_group(name: str | None):
-    """The process group ``group_name`` named (None: no group)."""
-    return None if name is None else dist.distributed_c10d._resolve_process_group(name)
