@@ -102,6 +102,8 @@ def _running_stats(plans: list["_LayerPlan"], running: list[Tensor]) -> list[tup
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(_LayerPlan))
+# The block ops take the plans field by field, as lists: "int[] growth, int[] width, bool[] training1, ..."
+_PLAN_SCHEMA = ", ".join(f"{f.type.__name__}[] {f.name}" for f in fields(_LayerPlan))
 
 
 def _plan_args(plans: list[_LayerPlan]) -> list[list]:
@@ -151,23 +153,13 @@ def _apply_dropout(new: Tensor, mask: Tensor, drop: float) -> Tensor:
     return new * mask * (1.0 / (1.0 - drop))
 
 
-@torch.library.custom_op("densenet_fused::dense_block", mutates_args=())
-def dense_block(
-    inputs: list[Tensor],
-    params: list[Tensor],
-    running: list[Tensor],
-    masks: list[Tensor],
-    growth: list[int],
-    width: list[int],
-    training1: list[bool],
-    eps1: list[float],
-    training2: list[bool],
-    eps2: list[float],
-    drop: list[float],
-    keep_bottleneck: list[bool],
-    group: Optional[str],
-    count: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+@torch.library.custom_op(
+    "densenet_fused::dense_block",
+    mutates_args=(),
+    schema=f"(Tensor[] inputs, Tensor[] params, Tensor[] running, Tensor[] masks, {_PLAN_SCHEMA}, str? group, "
+    "Tensor? count) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])",
+)
+def dense_block(inputs, params, running, masks, *plan_args_group_count):
     """Run the layers over one buffer holding ``inputs`` concatenated.
 
     ``params`` are the layers' ``_LayerParams`` flattened, ``running`` the (mean, invstd) of the norms that
@@ -177,7 +169,8 @@ def dense_block(
     Returns (buffer, mean, var, mean2, var2, kept bottlenecks): the batch statistics of every buffer channel
     and of each layer's bottleneck (zeros where unused).
     """
-    plans, layers = _plans([growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    *plan_args, group, count = plan_args_group_count
+    plans, layers = _plans(plan_args), _unflatten(params)
     sync = distributed.BatchNormSync.named(group, count)
     growth, width, c0 = plans[0].growth, plans[0].width, sum(x.size(1) for x in inputs)
     buf = empty_like_layout(inputs[0], c0 + len(plans) * growth)
@@ -213,44 +206,30 @@ def dense_block(
 
 
 @dense_block.register_fake
-def _dense_block_fake(
-    inputs, params, running, masks, growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck, group, count
-):
-    buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + sum(growth))
+def _dense_block_fake(inputs, params, running, masks, *plan_args_group_count):
+    plans = _plans(plan_args_group_count[:-2])
+    width = plans[0].width
+    buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + sum(plan.growth for plan in plans))
     acc = acc_dtype(buf.dtype)
-    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(growth), width[0]), dtype=acc)
-    bottlenecks = [empty_like_layout(buf, width[0]) for keep in keep_bottleneck if keep]
+    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(plans), width), dtype=acc)
+    bottlenecks = [empty_like_layout(buf, width) for plan in plans if plan.keep_bottleneck]
     return buf, mean, torch.empty_like(mean), mean2, torch.empty_like(mean2), bottlenecks
 
 
-@torch.library.custom_op("densenet_fused::dense_block_backward", mutates_args=())
-def dense_block_backward(
-    grad_buf: Tensor,
-    buf: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    mean2: Tensor,
-    var2: Tensor,
-    params: list[Tensor],
-    running: list[Tensor],
-    masks: list[Tensor],
-    bottlenecks: list[Tensor],
-    growth: list[int],
-    width: list[int],
-    training1: list[bool],
-    eps1: list[float],
-    training2: list[bool],
-    eps2: list[float],
-    drop: list[float],
-    keep_bottleneck: list[bool],
-    group: Optional[str],
-    count: Optional[Tensor],
-) -> tuple[Tensor, list[Tensor]]:
+@torch.library.custom_op(
+    "densenet_fused::dense_block_backward",
+    mutates_args=(),
+    schema="(Tensor grad_buf, Tensor buf, Tensor mean, Tensor var, Tensor mean2, Tensor var2, Tensor[] params, "
+    f"Tensor[] running, Tensor[] masks, Tensor[] bottlenecks, {_PLAN_SCHEMA}, str? group, Tensor? count) "
+    "-> (Tensor, Tensor[])",
+)
+def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *plan_args_group_count):
     """``dense_block``'s backward: (the gradient of the whole buffer, that of ``params``).
 
     Only the buffer's input channels of the first tensor are meaningful to the caller.
     """
-    plans, layers = _plans([growth, width, training1, eps1, training2, eps2, drop, keep_bottleneck]), _unflatten(params)
+    *plan_args, group, count = plan_args_group_count
+    plans, layers = _plans(plan_args), _unflatten(params)
     running = _running_stats(plans, running)
     sync = distributed.BatchNormSync.named(group, count)
     growth = plans[0].growth
