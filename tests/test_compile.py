@@ -116,3 +116,27 @@ def test_inductor_block_float32_is_as_accurate_as_torchvision():
         return torch.compile(block, backend="inductor", fullgraph=True), theirs, x, lambda out: (out * weights).sum()
 
     assert_float32_as_accurate_as_torchvision(make)
+
+
+def test_compiled_training_over_several_batch_sizes_matches_torchvision():
+    """Batch sizes and sizes change from step to step (a last partial batch, multi-scale training): every
+    step matches eager torchvision, and dynamo compiles no more graphs for ours than for torchvision."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(2, 32), (3, 32), (4, 32), (5, 40), (6, 48), (1, 48), (2, 48), (3, 56)]
+    graphs = {}
+    for name in ("ours", "torchvision"):
+        torch._dynamo.reset()
+        counters.clear()
+        ours, theirs = twins(**TINY)
+        randomize_affine(ours)
+        theirs.load_state_dict(ours.state_dict())
+        model = ours if name == "ours" else copy.deepcopy(theirs)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for batch, size in shapes:
+            x = torch.randn(batch, 3, size, size + 1, dtype=torch.float64)
+            target = torch.randint(TINY["num_classes"], (batch,))
+            assert_lockstep(compiled, theirs, x, target, steps=1, rtol=1e-9, atol=1e-9)  # ends in eval()
+            model.train(), theirs.train()
+        graphs[name] = counters["stats"]["unique_graphs"]
+    assert graphs["ours"] <= graphs["torchvision"], graphs
