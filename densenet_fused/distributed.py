@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward
-from .ops._backend import broadcast
+from .ops.layout import broadcast
 
 
 def sync_group(norm: nn.Module):
