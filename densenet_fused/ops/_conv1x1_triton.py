@@ -427,13 +427,7 @@ def conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_x
             *dy_args, *geometry_args,
             PD=window[0], PH=window[1], PW=window[2], PREC=precision, ACC=acc_type,
         )  # fmt: skip
-        if training:
-            input_grad(scale, scale, True, False, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-            input_grad(grad_beta / count, grad_gamma / count, False, True, True)
-        else:
-            input_grad(scale, scale, True, True, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
+        grad_gamma, grad_beta = _tr.batch_norm_backward_passes(input_grad, sums, scale, count, training)
     grad_weight = part[0] if splits == 1 else part.sum(0)
     return grad_weight.to(weight_dtype), grad_gamma, grad_beta
 

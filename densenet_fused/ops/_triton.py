@@ -36,6 +36,7 @@ __all__ = [
     "TRITON_DTYPES",
     "acc_type",
     "autotune_configs",
+    "batch_norm_backward_passes",
     "device_guard",
     "common_geometry",
     "folded_affine",
@@ -80,6 +81,24 @@ def folded_affine(mean, invstd, gamma, beta, dtype):
     scale = (gamma * invstd).to(dtype).contiguous()
     shift = (beta - mean * (gamma * invstd)).to(dtype).contiguous()
     return scale, shift
+
+
+def batch_norm_backward_passes(launch, sums: torch.Tensor, scale: torch.Tensor, count: int, training: bool):
+    """Run a BatchNorm-backward kernel's passes; return (grad_gamma, grad_beta).
+
+    ``launch(c1, c2, reduce, apply, train)`` runs the kernel, whose REDUCE pass writes the per-channel
+    partial sums (sum dA, sum dA * x_hat) into ``sums`` [2, splits, C] and whose APPLY pass writes grad_x.
+    Eval mode needs no sums to write grad_x, so one pass does both; training reduces first and then
+    applies with c1 = mean(dA), c2 = mean(dA * x_hat) over the ``count`` pixels.
+    """
+    if training:
+        launch(scale, scale, True, False, False)
+        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
+        launch(grad_beta / count, grad_gamma / count, False, True, True)
+    else:
+        launch(scale, scale, True, True, False)
+        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)
+    return grad_gamma, grad_beta
 
 
 def runs_triton(*tensors: torch.Tensor) -> bool:

@@ -175,13 +175,7 @@ def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
         )  # fmt: skip
 
     with _tr.device_guard(x):
-        if training:
-            launch(scale, scale, True, False, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-            launch(grad_beta / q, grad_gamma / q, False, True, True)
-        else:
-            launch(scale, scale, True, True, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
+        grad_gamma, grad_beta = _tr.batch_norm_backward_passes(launch, sums, scale, q, training)
     return grad_x, grad_gamma, grad_beta
 
 
