@@ -5,17 +5,18 @@ primitives and the block instead recompute their forward with the pure-PyTorch r
 differentiate it, so the gradients they return can be differentiated again.
 """
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 
 class Autograd(NamedTuple):
-    """A forward op's ``register_autograd`` pair, and the (name, type) arguments the op takes after its
-    reference's: read by ``setup_context`` only, the kernels never see them."""
+    """A forward op's ``register_autograd`` pair (None for an op autograd does not differentiate, such as
+    a backward op), and the (name, type) arguments the op takes after its reference's: read by
+    ``setup_context`` only, the kernels never see them."""
 
-    backward: Callable
-    setup_context: Callable
+    backward: Optional[Callable] = None
+    setup_context: Optional[Callable] = None
     args: tuple = ()
 
 

@@ -26,7 +26,7 @@ from ._backend import CPP_AVAILABLE, DEVICE_BACKENDS, TRITON_AVAILABLE, forced_b
 
 @dataclass
 class Primitive:
-    """A fused primitive: its ops by name (the forward, then the backward when it has one)."""
+    """A fused primitive: its ops by name (a forward op, and its backward op when it has one)."""
 
     name: str
     ops: dict = field(default_factory=dict)
@@ -38,7 +38,7 @@ PRIMITIVES: dict[str, Primitive] = {}
 class Op:
     """One custom op of a primitive and the table of its kernels (see the module docstring)."""
 
-    def __init__(self, primitive: str, name: str, reference, fake, *, triton=None, autograd: Autograd | None = None,
+    def __init__(self, primitive: str, name: str, reference, fake, *, triton=None, autograd=Autograd(),
                  mutates_args=()):  # fmt: skip
         self.name, self.reference = name, reference
         self.kernels = {"reference": reference}
@@ -49,10 +49,11 @@ class Op:
         if triton is not None and TRITON_AVAILABLE:
             self.kernels["triton"] = triton
 
+        # The op takes the reference's arguments (all the kernels see), then those only autograd reads.
         signature = inspect.signature(reference)
-        self._arity = len(signature.parameters)  # the kernels take the reference's arguments, autograd's come after
+        self._arity = len(signature.parameters)
         self._x = list(signature.parameters).index("x")
-        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in autograd.args] if autograd else []
+        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in autograd.args]
         default = self._route("reference")
         default.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
         self.custom_op = torch.library.custom_op(f"densenet_fused::{name}", default, mutates_args=mutates_args)
@@ -60,7 +61,7 @@ class Op:
             if backend in self.kernels:
                 self.custom_op.register_kernel(device, self._route(backend))
         self.custom_op.register_fake(lambda *args: fake(*args[: self._arity]))
-        if autograd is not None:
+        if autograd.backward is not None:
             self.custom_op.register_autograd(autograd.backward, setup_context=autograd.setup_context)
         PRIMITIVES.setdefault(primitive, Primitive(primitive)).ops[name] = self
 
