@@ -10,7 +10,8 @@ forced backend that cannot run on the tensor raises instead of silently running 
 The settings (``DENSENET_FUSED_BACKEND``, ``DENSENET_FUSED_TF32``, ``TRITON_INTERPRET``) are read in one
 place, ``config``, from ``os.environ`` each time one is used: the backend when an op dispatches, TF32
 when a GEMM launches, TRITON_INTERPRET when a launcher picks its block sizes.  A change applies from the
-next call.  (Triton itself reads TRITON_INTERPRET when it is imported: set it before that.)
+next call.  (Triton itself, and the autotuning spaces of ``_conv1x1_triton``, read TRITON_INTERPRET
+when they are imported: set it before that.)
 """
 
 import importlib
