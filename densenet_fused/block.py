@@ -30,7 +30,7 @@ from .ops import bn_relu, bn_relu_backward, bn_relu_conv1x1, bn_relu_conv1x1_bac
 from .ops import bn_relu_pool_conv1x1_backward
 from .ops import channel_stats
 from .ops._autograd import as_batch_stats, grad_leaves
-from .ops._backend import acc_dtype, empty_like_layout
+from .ops.layout import acc_dtype, empty_like_layout
 from .ops.bn_relu import bn_relu_reference
 from .ops.bn_relu_conv1x1 import bn_relu_conv1x1_reference
 

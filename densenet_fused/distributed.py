@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ops._backend import broadcast
+from .ops.layout import broadcast
 
 
 def sync_group(norm: nn.Module):

@@ -20,7 +20,8 @@ import torch
 import torchvision
 
 import densenet_fused
-from densenet_fused.ops import _backend
+from densenet_fused.ops import PRIMITIVES, _backend
+from densenet_fused.ops.layout import broadcast, is_channels_last
 from densenet_fused.ops.bn_relu import bn_relu_backward_reference, bn_relu_reference
 from densenet_fused.ops.bn_relu_conv1x1 import bn_relu_conv1x1_backward_reference, bn_relu_conv1x1_reference
 from densenet_fused.ops.bn_relu_pool_conv1x1 import (
@@ -29,15 +30,9 @@ from densenet_fused.ops.bn_relu_pool_conv1x1 import (
 )
 from densenet_fused.ops.channel_stats import channel_stats_reference
 
-CPP_OPS = [
-    "channel_stats_cpp",
-    "bn_relu_cpp",
-    "bn_relu_backward_cpp",
-    "bn_relu_conv1x1_cpp",
-    "bn_relu_conv1x1_backward_cpp",
-    "bn_relu_pool_conv1x1_cpp",
-    "bn_relu_pool_conv1x1_backward_cpp",
-]
+# every op of every primitive has a C++ kernel, ``<op>_cpp``
+OPS = [op for primitive in PRIMITIVES.values() for op in primitive.ops.values()]
+CPP_OPS = [f"{op.name}_cpp" for op in OPS]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last"]
 EXTRA = 5  # channels of the buffer beyond x (x is a channel prefix of a larger buffer)
@@ -108,7 +103,7 @@ def problem(n, c, spatial, layout, dtype, seed=0, extra=EXTRA):
     scale = 0.5 + 2 * torch.rand(c + extra, generator=g, dtype=torch.float64)
     shift = torch.randn(c + extra, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        buf.mul_(_backend.broadcast(scale, buf)).add_(_backend.broadcast(shift, buf))
+        buf.mul_(broadcast(scale, buf)).add_(broadcast(shift, buf))
     x = buf[:, :c]
     mean, var = channel_stats_reference(x)
     invstd = torch.rsqrt(var + 1e-5)
@@ -120,7 +115,7 @@ def problem(n, c, spatial, layout, dtype, seed=0, extra=EXTRA):
     pre = bn_pre(x, mean, invstd, gamma, beta)
     bump = torch.where(pre.abs() < MARGIN, torch.where(pre >= 0, 2 * MARGIN, -2 * MARGIN), 0.0)
     with torch.no_grad():
-        x += bump / _backend.broadcast(gamma * invstd, x)
+        x += bump / broadcast(gamma * invstd, x)
     buf = buf.to(dtype)
     x = buf[:, :c]
     assert bn_pre(x, mean, invstd, gamma, beta).abs().min() > MARGIN / 4 if x.numel() else True
@@ -129,7 +124,7 @@ def problem(n, c, spatial, layout, dtype, seed=0, extra=EXTRA):
 
 
 def bn_pre(x, mean, invstd, gamma, beta):
-    b = _backend.broadcast
+    b = broadcast
     return (x.double() - b(mean, x)) * b(invstd, x) * b(gamma, x) + b(beta, x)
 
 
@@ -137,7 +132,7 @@ def random_like_layout(x, channels, dtype, seed, spatial=None):
     """Random [N, channels, *spatial] in x's layout (what the block's autograd hands the kernels)."""
     g = torch.Generator().manual_seed(seed)
     spatial = x.shape[2:] if spatial is None else spatial
-    layout = "channels_last" if _backend.is_channels_last(x) else "contiguous"
+    layout = "channels_last" if is_channels_last(x) else "contiguous"
     return buffer(x.size(0), channels, spatial, layout, g).to(dtype)
 
 
@@ -147,7 +142,7 @@ def random_weight(b, c, dtype, seed):
 
 
 def assert_same_layout(out, x):
-    assert _backend.is_channels_last(out) == _backend.is_channels_last(x), "output layout differs from x's"
+    assert is_channels_last(out) == is_channels_last(x), "output layout differs from x's"
 
 
 def shape_id(shape):
@@ -162,6 +157,7 @@ def test_extension_built_and_selected():
     assert _backend.CPP_AVAILABLE, f"densenet_fused._C is not built: {_backend.BUILD_COMMAND}"
     for name in CPP_OPS:
         assert hasattr(ops(), name), f"torch.ops.densenet_fused.{name} is not registered"
+    assert all("cpp" in op.kernels for op in OPS)
     x = torch.randn(2, 3, 4, 4)
     assert _backend.backend_for(x) == "cpp"
 
@@ -262,7 +258,7 @@ def test_bn_relu_pool_conv1x1(shape, layout, dtype):
     y = ops().bn_relu_pool_conv1x1_cpp(x, mean, invstd, gamma, beta, weight)
     ref_y = _pool_reference(bn_relu_pool_conv1x1_reference, x, mean, invstd, gamma, beta, weight)
     # x's layout (channels-last only if the output has more than one pixel: is_channels_last's rule)
-    assert _backend.is_channels_last(y) == (_backend.is_channels_last(x) and y[0, 0].numel() > 1)
+    assert is_channels_last(y) == (is_channels_last(x) and y[0, 0].numel() > 1)
     assert_matches(y, ref_y, dtype, "y")
     grad_y = random_like_layout(x, b, dtype, seed=3, spatial=ref_y.shape[2:])
     for training in (True, False):
@@ -360,15 +356,12 @@ def _opcheck_cases(layout, spatial):
     }
 
 
-# the public custom ops take an extra ``training`` flag after the weight (forward ops only)
-_TRAINING_FLAG = {"bn_relu", "bn_relu_conv1x1", "bn_relu_pool_conv1x1"}
-_NAMES = [n.removesuffix("_cpp") for n in CPP_OPS]
-
-
 @pytest.mark.parametrize("spatial", OPCHECK_SPATIAL, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_cpp_ops(layout, spatial):
-    for name, args in _opcheck_cases(layout, spatial).items():
+    cases = _opcheck_cases(layout, spatial)
+    assert set(cases) == {op.name for op in OPS}, "every registered op needs an opcheck case"
+    for name, args in cases.items():
         torch.library.opcheck(getattr(ops(), f"{name}_cpp"), args)
 
 
@@ -376,10 +369,12 @@ def test_opcheck_cpp_ops(layout, spatial):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_public_ops_on_cpp_backend(layout, spatial, monkeypatch):
     monkeypatch.setenv("DENSENET_FUSED_BACKEND", "cpp")
-    for name, args in _opcheck_cases(layout, spatial).items():
-        if name in _TRAINING_FLAG:
-            args = (*args, True)
-        torch.library.opcheck(getattr(ops(), name), args)
+    cases = _opcheck_cases(layout, spatial)
+    for op in OPS:
+        # the public custom op takes the kernel's arguments, then the ones only autograd reads (``training``)
+        extra = op.custom_op._opoverload._schema.arguments[len(cases[op.name]) :]
+        assert all(a.name == "training" for a in extra), extra
+        torch.library.opcheck(getattr(ops(), op.name), (*cases[op.name], *[True] * len(extra)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Every kernel test runs with ``no_fallback``, so a launcher that quietly ran the 
 """
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -27,24 +28,19 @@ import torch
 import torchvision
 
 import densenet_fused
-from densenet_fused.ops import _backend
+from densenet_fused.ops import PRIMITIVES, _backend
 from densenet_fused.ops import _triton as tr
+from densenet_fused.ops.layout import acc_dtype
 
 bn_relu_mod = importlib.import_module("densenet_fused.ops.bn_relu")
 conv_mod = importlib.import_module("densenet_fused.ops.bn_relu_conv1x1")
+conv_kernels = importlib.import_module("densenet_fused.ops._conv1x1_triton")
 pool_mod = importlib.import_module("densenet_fused.ops.bn_relu_pool_conv1x1")
 stats_mod = importlib.import_module("densenet_fused.ops.channel_stats")
 
-# The references, kept before any test patches them (see ``no_fallback``).
-REF = {
-    "channel_stats": stats_mod.channel_stats_reference,
-    "bn_relu": bn_relu_mod.bn_relu_reference,
-    "bn_relu_backward": bn_relu_mod.bn_relu_backward_reference,
-    "conv": conv_mod.bn_relu_conv1x1_reference,
-    "conv_backward": conv_mod.bn_relu_conv1x1_backward_reference,
-    "pool": pool_mod.bn_relu_pool_conv1x1_reference,
-    "pool_backward": pool_mod.bn_relu_pool_conv1x1_backward_reference,
-}
+OPS = [op for primitive in PRIMITIVES.values() for op in primitive.ops.values()]
+# The references by op name, kept before any test patches them (see ``no_fallback``).
+REF = {op.name: op.reference for op in OPS}
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -84,16 +80,8 @@ def no_fallback(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the Triton launcher fell back to the reference")
 
-    for module, name in (
-        (stats_mod, "channel_stats_reference"),
-        (bn_relu_mod, "bn_relu_reference"),
-        (bn_relu_mod, "bn_relu_backward_reference"),
-        (conv_mod, "bn_relu_conv1x1_reference"),
-        (conv_mod, "bn_relu_conv1x1_backward_reference"),
-        (pool_mod, "bn_relu_pool_conv1x1_reference"),
-        (pool_mod, "bn_relu_pool_conv1x1_backward_reference"),
-    ):
-        monkeypatch.setattr(module, name, fail)
+    for op in OPS:
+        monkeypatch.setattr(inspect.getmodule(op.reference), op.reference.__name__, fail)
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -122,7 +110,7 @@ def bn_params(channels, seed=1, positive_beta=False, dtype=torch.float32):
     invstd = 0.5 + torch.rand(channels, generator=generator)
     gamma = torch.randn(channels, generator=generator)
     beta = torch.rand(channels, generator=generator) + 0.25 if positive_beta else torch.randn(channels, generator=generator)
-    return [t.to(DEVICE, _backend.acc_dtype(dtype)) for t in (mean, invstd, gamma, beta)]
+    return [t.to(DEVICE, acc_dtype(dtype)) for t in (mean, invstd, gamma, beta)]
 
 
 def random_like(t, seed=2):
@@ -150,7 +138,7 @@ def test_channel_stats(dtype, layout, shape, channels):
     _, x = feature_buffer(shape, channels, layout, dtype, offset=3.0)  # an offset tests the shifted merge
     mean, var = stats_mod.channel_stats_triton(x)
     ref_mean, ref_var = REF["channel_stats"](x)
-    assert mean.dtype == var.dtype == _backend.acc_dtype(dtype)
+    assert mean.dtype == var.dtype == acc_dtype(dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(mean, ref_mean, rtol=tol, atol=tol)
     torch.testing.assert_close(var, ref_var, rtol=tol, atol=tol / 10)
@@ -203,7 +191,7 @@ def test_bn_relu_conv1x1_forward(dtype, layout, shape, channels, out_channels):
     mean, invstd, gamma, beta = bn_params(channels, positive_beta=True, dtype=dtype)
     weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
     out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["conv"](x, mean, invstd, gamma, beta, weight), dtype, "forward")
+    assert_close(out, REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), dtype, "forward")
     expect_layout(out, layout)
 
 
@@ -216,7 +204,7 @@ def test_bn_relu_conv1x1_backward_accumulates_in_place(dtype, layout, training, 
     buf, x = feature_buffer(shape, channels, layout, dtype)
     mean, invstd, gamma, beta = bn_params(channels, dtype=dtype)
     weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
-    grad_y = random_like(REF["conv"](x, mean, invstd, gamma, beta, weight), seed=4)
+    grad_y = random_like(REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), seed=4)
     grad_buffer = random_like(buf, seed=5)  # earlier layers' contributions, already there
     expected_buffer = grad_buffer.clone()
     untouched = grad_buffer[:, channels:].clone()
@@ -225,7 +213,7 @@ def test_bn_relu_conv1x1_backward_accumulates_in_place(dtype, layout, training, 
     got = conv_mod.bn_relu_conv1x1_backward_triton(
         grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training
     )
-    want = REF["conv_backward"](
+    want = REF["bn_relu_conv1x1_backward"](
         grad_y, x, mean, invstd, gamma, beta, weight, expected_buffer, training
     )
     for name, g, w in zip(("grad_weight", "grad_gamma", "grad_beta"), got, want):
@@ -243,7 +231,7 @@ def test_bn_relu_conv1x1_transposed_spatial_strides():
     mean, invstd, gamma, beta = bn_params(9)
     weight = random_like(torch.empty(6, 9, device=DEVICE), seed=3)
     out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["conv"](x, mean, invstd, gamma, beta, weight), torch.float32)
+    assert_close(out, REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), torch.float32)
 
 
 # ------------------------------------------------------------------------------ bn_relu_pool_conv1x1
@@ -261,13 +249,13 @@ def test_bn_relu_pool_conv1x1(dtype, layout, shape, channels, out_channels):
     mean, invstd, gamma, beta = bn_params(channels, positive_beta=True, dtype=dtype)
     weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
     out = pool_mod.bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    want = REF["pool"](x, mean, invstd, gamma, beta, weight)
+    want = REF["bn_relu_pool_conv1x1"](x, mean, invstd, gamma, beta, weight)
     assert_close(out, want, dtype, "forward")
     expect_layout(out, layout)
     grad_y = random_like(out, seed=4)
     for training in (True, False):
         got = pool_mod.bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, training)
-        want = REF["pool_backward"](grad_y, x, mean, invstd, gamma, beta, weight, training)
+        want = REF["bn_relu_pool_conv1x1_backward"](grad_y, x, mean, invstd, gamma, beta, weight, training)
         for name, g, w in zip(("grad_x", "grad_weight", "grad_gamma", "grad_beta"), got, want):
             assert_close(g, w, dtype, f"{name} training={training}")
         expect_layout(got[0], layout)
@@ -281,10 +269,10 @@ def test_bn_relu_pool_conv1x1_other_ranks(shape):
     mean, invstd, gamma, beta = bn_params(5)
     weight = random_like(torch.empty(4, 5, device=DEVICE), seed=3)
     out = pool_mod.bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["pool"](x, mean, invstd, gamma, beta, weight), torch.float32)
+    assert_close(out, REF["bn_relu_pool_conv1x1"](x, mean, invstd, gamma, beta, weight), torch.float32)
     grad_y = random_like(out)
     got = pool_mod.bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, True)
-    want = REF["pool_backward"](grad_y, x, mean, invstd, gamma, beta, weight, True)
+    want = REF["bn_relu_pool_conv1x1_backward"](grad_y, x, mean, invstd, gamma, beta, weight, True)
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32)
 
@@ -297,18 +285,14 @@ def triton_calls(monkeypatch, no_fallback):
     """Force the Triton backend and record which Triton launchers run."""
     monkeypatch.setenv("DENSENET_FUSED_BACKEND", "triton")
     calls = []
-    for module in (bn_relu_mod, conv_mod, pool_mod, stats_mod):
-        for table_name in ("_IMPLS", "_BACKWARD_IMPLS"):
-            table = getattr(module, table_name, None)
-            if table is None:
-                continue
-            launcher = table["triton"]
+    for op in OPS:
+        launcher = op.kernels["triton"]
 
-            def spy(*args, _launcher=launcher, **kwargs):
-                calls.append(_launcher.__name__)
-                return _launcher(*args, **kwargs)
+        def spy(*args, _launcher=launcher, **kwargs):
+            calls.append(_launcher.__name__)
+            return _launcher(*args, **kwargs)
 
-            monkeypatch.setitem(table, "triton", spy)
+        monkeypatch.setitem(op.kernels, "triton", spy)
     return calls
 
 
@@ -322,7 +306,7 @@ def test_custom_ops_dispatch_to_triton_and_autograd(triton_calls):
     out = densenet_fused.ops.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight, False)
     grads = torch.autograd.grad(out, (x, gamma, beta, weight), random_like(out))
     assert triton_calls == ["bn_relu_conv1x1_triton", "bn_relu_conv1x1_backward_triton"]
-    reference = REF["conv"]
+    reference = REF["bn_relu_conv1x1"]
     expected = torch.func.vjp(lambda *a: reference(a[0], mean, invstd, a[1], a[2], a[3]), x, gamma, beta, weight)
     assert_close(out, expected[0], torch.float32)
     for g, w in zip(grads, expected[1](random_like(out))):
@@ -348,7 +332,7 @@ def test_tf32_is_opt_in(monkeypatch):
     mean, invstd, gamma, beta = bn_params(37)
     weight = random_like(torch.empty(8, 37, device=DEVICE), seed=3)
     out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    want = REF["conv"](x, mean, invstd, gamma, beta, weight)
+    want = REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight)
     torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # TF32 keeps a 10-bit mantissa
 
 
@@ -357,16 +341,16 @@ def test_autotune_spaces_per_family():
     its family: tensor-core tiles for fp16/bf16/TF32, BLOCK_K=16 FMA tiles for IEEE fp32, fp64 tiles,
     minus the configs that spill registers when the transition pools."""
     if tr.interpreting():
-        assert len(conv_mod._FORWARD_CONFIGS) == len(conv_mod._WEIGHT_GRAD_CONFIGS) == 1
+        assert len(conv_kernels._FORWARD_CONFIGS) == len(conv_kernels._WEIGHT_GRAD_CONFIGS) == 1
     x = {dtype: torch.empty(1, dtype=dtype) for dtype in (torch.float16, torch.float32, torch.float64)}
     for configs, prune, k_name in (
-        (conv_mod._FORWARD_GPU_CONFIGS, conv_mod._prune_forward, "BLOCK_K"),
-        (conv_mod._WEIGHT_GRAD_GPU_CONFIGS, conv_mod._prune_weight_grad, "BLOCK_Q"),
+        (conv_kernels._FORWARD_GPU_CONFIGS, conv_kernels._prune_forward, "BLOCK_K"),
+        (conv_kernels._WEIGHT_GRAD_GPU_CONFIGS, conv_kernels._prune_weight_grad, "BLOCK_Q"),
     ):
         def pick(dtype, prec="ieee", pw=1, b=128, c=512):
             return prune(configs, {"x_ptr": x[dtype], "B": b, "C": c}, PREC=prec, PW=pw)
 
-        tags = conv_mod._CONFIG_TAGS
+        tags = conv_kernels._CONFIG_TAGS
         assert {tags[id(c)][0] for c in pick(torch.float16)} == {"mma"}
         assert {tags[id(c)][0] for c in pick(torch.float32, "tf32")} == {"mma"}
         assert {tags[id(c)][0] for c in pick(torch.float32)} == {"fma32"}
@@ -386,8 +370,9 @@ def test_package_imports_without_triton():
         "import importlib.util, densenet_fused\n"
         "from densenet_fused.ops import _backend\n"
         "assert not _backend.TRITON_AVAILABLE\n"
-        "m = importlib.import_module('densenet_fused.ops.bn_relu_conv1x1')\n"
-        "assert 'triton' not in m._IMPLS and 'triton' not in m._BACKWARD_IMPLS\n"
+        "from densenet_fused.ops import PRIMITIVES\n"
+        "kernels = [op.kernels for p in PRIMITIVES.values() for op in p.ops.values()]\n"
+        "assert kernels and not any('triton' in k for k in kernels)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     blocker = (

@@ -1,11 +1,47 @@
-"""Differentiable backward formulas, for ``create_graph=True`` (double backward).
+"""How the primitives differentiate, and differentiable backward formulas for ``create_graph=True``.
 
 The kernels' backward ops have no derivatives of their own.  When autograd records the backward, the
 primitives and the block instead recompute their forward with the pure-PyTorch reference and let autograd
 differentiate it, so the gradients they return can be differentiated again.
 """
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
+
+
+class Autograd(NamedTuple):
+    """A forward op's ``register_autograd`` pair (None for an op autograd does not differentiate, such as
+    a backward op), and the (name, type) arguments the op takes after its reference's: read by
+    ``setup_context`` only, the kernels never see them."""
+
+    backward: Optional[Callable] = None
+    setup_context: Optional[Callable] = None
+    args: tuple = ()
+
+
+def bn_autograd(reference, kernel_backward) -> Autograd:
+    """Autograd of ``op(x, mean, invstd, *params, training)`` = ``reference(x, mean, invstd, *params)``.
+
+    ``kernel_backward(grad, x, mean, invstd, *params, training)`` returns (grad_x, *grad_params) through
+    the op's backward kernels; under ``create_graph=True`` the reference is differentiated instead.
+    mean and invstd get no gradient: ``training`` says they are x's batch statistics, and then the
+    gradient through them is part of grad_x.
+    """
+
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.training = inputs
+        ctx.save_for_backward(*tensors)
+
+    def backward(ctx, grad):
+        x, mean, invstd, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_x, *grad_params = reference_backward(reference, grad, x, mean, invstd, params, ctx.training)
+        else:
+            grad_x, *grad_params = kernel_backward(grad, x, mean, invstd, *params, ctx.training)
+        return grad_x, None, None, *grad_params, None
+
+    return Autograd(backward, setup_context, (("training", bool),))
 
 
 def grad_leaves(tensors: list) -> list:

@@ -1,4 +1,5 @@
-"""Launcher helpers shared by the Triton kernels of the primitives (the kernels live in each primitive's file).
+"""Launcher helpers shared by the Triton kernels of the primitives (the kernels live in each primitive's
+file; the 1x1-conv kernels two primitives share live in ``_conv1x1_triton``).
 
 Nothing here imports triton, so the package imports where triton is absent.
 
@@ -11,32 +12,34 @@ Conventions of every kernel:
   bfloat16.  Empty tensors and more than 3 spatial dims that cannot be merged run the reference.
 * Reductions over pixels are split in ``num_splits`` chunks whose partial results land in a small
   [splits, ...] tensor summed by torch afterwards: deterministic, no atomics.
-* fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (read at every launch) selects TF32.
+* fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (``config.tf32``, read at every launch)
+  selects TF32.
 """
 
 import contextlib
 import functools
 import math
-import os
 
 import torch
 
-from ._backend import TRITON_AVAILABLE, _interpreting
+from ._backend import TF32_ENV, TRITON_AVAILABLE, config
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TF32_ENV = "DENSENET_FUSED_TF32"
 
 __all__ = [
+    "TF32_ENV",
     "TRITON_AVAILABLE",
     "TRITON_DTYPES",
     "acc_type",
     "autotune_configs",
+    "batch_norm_backward_passes",
     "device_guard",
     "common_geometry",
+    "folded_affine",
     "geometry",
     "input_precision",
     "interpreting",
@@ -48,7 +51,7 @@ __all__ = [
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return _interpreting()
+    return config.interpret
 
 
 def autotune_configs(gpu_configs: list, interpreter_config) -> list:
@@ -63,7 +66,7 @@ def pick_config(gpu_config: dict, interpreter_config: dict) -> dict:
 
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision: IEEE fp32 by default (matches the reference), TF32 on request."""
-    if dtype == torch.float32 and os.environ.get(TF32_ENV, "0") == "1":
+    if dtype == torch.float32 and config.tf32:
         return "tf32"
     return "ieee"
 
@@ -71,6 +74,31 @@ def input_precision(dtype: torch.dtype) -> str:
 def acc_type(dtype: torch.dtype):
     """The Triton accumulation dtype (``ACC`` constexpr) for inputs of ``dtype``."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def folded_affine(mean, invstd, gamma, beta, dtype):
+    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous ``dtype``."""
+    scale = (gamma * invstd).to(dtype).contiguous()
+    shift = (beta - mean * (gamma * invstd)).to(dtype).contiguous()
+    return scale, shift
+
+
+def batch_norm_backward_passes(launch, sums: torch.Tensor, scale: torch.Tensor, count: int, training: bool):
+    """Run a BatchNorm-backward kernel's passes; return (grad_gamma, grad_beta).
+
+    ``launch(c1, c2, reduce, apply, train)`` runs the kernel, whose REDUCE pass writes the per-channel
+    partial sums (sum dA, sum dA * x_hat) into ``sums`` [2, splits, C] and whose APPLY pass writes grad_x.
+    Eval mode needs no sums to write grad_x, so one pass does both; training reduces first and then
+    applies with c1 = mean(dA), c2 = mean(dA * x_hat) over the ``count`` pixels.
+    """
+    if training:
+        launch(scale, scale, True, False, False)
+        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
+        launch(grad_beta / count, grad_gamma / count, False, True, True)
+    else:
+        launch(scale, scale, True, True, False)
+        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)
+    return grad_gamma, grad_beta
 
 
 def runs_triton(*tensors: torch.Tensor) -> bool:

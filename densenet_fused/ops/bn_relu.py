@@ -6,10 +6,12 @@ gradient that flows through them (the train-mode BatchNorm formula); otherwise t
 """
 
 import torch
+from torch import Tensor
 
 from . import _triton as _tr
-from ._autograd import reference_backward
-from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations
+from ._autograd import bn_autograd
+from ._primitive import Op
+from .layout import acc_dtype, broadcast, empty_like_layout
 
 
 def normalize(x, mean, invstd):
@@ -28,73 +30,21 @@ def batch_norm_backward(grad_y, x_hat, invstd, gamma, training):
     return grad_y * broadcast(gamma * invstd, x_hat), grad_gamma, grad_beta
 
 
-def bn_relu_reference(x, mean, invstd, gamma, beta):
+def bn_relu_reference(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """relu(gamma * (x - mean) * invstd + beta) per channel, in x's dtype and layout."""
     z = normalize(x, mean, invstd) * broadcast(gamma, x) + broadcast(beta, x)
     return torch.relu(z).to(x.dtype)
 
 
-def bn_relu_backward_reference(grad_z, x, mean, invstd, gamma, beta, training):
+def bn_relu_backward_reference(
+    grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, training: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_gamma, grad_beta) of bn_relu, with the ReLU mask recomputed from x."""
     x_hat = normalize(x, mean, invstd)
     active = x_hat * broadcast(gamma, x) + broadcast(beta, x) > 0
     grad_y = grad_z.to(mean.dtype) * active
     grad_x, grad_gamma, grad_beta = batch_norm_backward(grad_y, x_hat, invstd, gamma, training)
     return grad_x.to(x.dtype), grad_gamma, grad_beta
-
-
-@torch.library.custom_op("densenet_fused::bn_relu", mutates_args=())
-def bn_relu(
-    x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, training: bool
-) -> torch.Tensor:
-    """relu(gamma * (x - mean) * invstd + beta) per channel, in x's dtype and layout."""
-    return _IMPLS[backend_for(x, _IMPLS)](x, mean, invstd, gamma, beta)
-
-
-@torch.library.custom_op("densenet_fused::bn_relu_backward", mutates_args=())
-def bn_relu_backward(
-    grad_z: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_gamma, grad_beta) of bn_relu, with the ReLU mask recomputed from x."""
-    return _BACKWARD_IMPLS[backend_for(x, _BACKWARD_IMPLS)](grad_z, x, mean, invstd, gamma, beta, training)
-
-
-def _fake(x, mean, invstd, gamma, beta, training=False):
-    return empty_like_layout(x, x.size(1))
-
-
-def _fake_backward(grad_z, x, mean, invstd, gamma, beta, training):
-    return empty_like_layout(x, x.size(1)), torch.empty_like(gamma), torch.empty_like(beta)
-
-
-_IMPLS = implementations(bn_relu_reference, "bn_relu_cpp", _fake)
-_BACKWARD_IMPLS = implementations(bn_relu_backward_reference, "bn_relu_backward_cpp", _fake_backward)
-bn_relu.register_fake(_fake)
-bn_relu_backward.register_fake(_fake_backward)
-
-
-def _setup_context(ctx, inputs, output):
-    x, mean, invstd, gamma, beta, training = inputs
-    ctx.save_for_backward(x, mean, invstd, gamma, beta)
-    ctx.training = training
-
-
-def _backward(ctx, grad_z):
-    x, mean, invstd, gamma, beta = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        grad_x, grad_gamma, grad_beta = reference_backward(
-            bn_relu_reference, grad_z, x, mean, invstd, [gamma, beta], ctx.training
-        )
-    else:
-        grad_x, grad_gamma, grad_beta = bn_relu_backward(grad_z, x, mean, invstd, gamma, beta, ctx.training)
-    return grad_x, None, None, grad_gamma, grad_beta, None
-
-
-bn_relu.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,13 +130,6 @@ if _tr.TRITON_AVAILABLE:
 _ELEMENTWISE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 8}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
 
 
-def folded_affine(mean, invstd, gamma, beta, dtype):
-    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous ``dtype``."""
-    scale = (gamma * invstd).to(dtype).contiguous()
-    shift = (beta - mean * (gamma * invstd)).to(dtype).contiguous()
-    return scale, shift
-
-
 def bn_relu_triton(x, mean, invstd, gamma, beta):
     """bn_relu with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
     out = empty_like_layout(x, x.size(1))
@@ -196,7 +139,7 @@ def bn_relu_triton(x, mean, invstd, gamma, beta):
     (d, h, w), (sx, sy) = found
     c, q = x.size(1), x.size(0) * d * h * w
     acc = acc_dtype(x.dtype)
-    scale, shift = folded_affine(mean, invstd, gamma, beta, acc)
+    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc)
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     grid = (triton.cdiv(q, config["BLOCK_Q"]), triton.cdiv(c, config["BLOCK_C"]))
     with _tr.device_guard(x):
@@ -216,7 +159,7 @@ def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
     (d, h, w), (sz, sx, sg) = found
     c, q = x.size(1), x.size(0) * d * h * w
     acc = acc_dtype(x.dtype)
-    scale, shift = folded_affine(mean, invstd, gamma, beta, acc)
+    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc)
     mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
@@ -232,16 +175,26 @@ def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
         )  # fmt: skip
 
     with _tr.device_guard(x):
-        if training:
-            launch(scale, scale, True, False, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-            launch(grad_beta / q, grad_gamma / q, False, True, True)
-        else:
-            launch(scale, scale, True, True, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
+        grad_gamma, grad_beta = _tr.batch_norm_backward_passes(launch, sums, scale, q, training)
     return grad_x, grad_gamma, grad_beta
 
 
-if _tr.TRITON_AVAILABLE:
-    _IMPLS["triton"] = bn_relu_triton
-    _BACKWARD_IMPLS["triton"] = bn_relu_backward_triton
+# ---------------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+def _fake(x, mean, invstd, gamma, beta):
+    return empty_like_layout(x, x.size(1))
+
+
+def _fake_backward(grad_z, x, mean, invstd, gamma, beta, training):
+    return empty_like_layout(x, x.size(1)), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+bn_relu_backward = Op(
+    "bn_relu", "bn_relu_backward", bn_relu_backward_reference, _fake_backward, triton=bn_relu_backward_triton
+).custom_op
+bn_relu = Op(
+    "bn_relu", "bn_relu", bn_relu_reference, _fake, triton=bn_relu_triton,
+    autograd=bn_autograd(bn_relu_reference, bn_relu_backward),
+).custom_op  # fmt: skip

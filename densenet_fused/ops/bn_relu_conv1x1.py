@@ -6,11 +6,14 @@ Forward: ``y = W @ relu(gamma * (x - mean) * invstd + beta)`` per pixel, with x 
 """
 
 import torch
+from torch import Tensor
 
 from . import _triton as _tr
-from ._autograd import reference_backward
-from ._backend import acc_dtype, backend_for, broadcast, empty_like_layout, implementations, is_channels_last
-from .bn_relu import batch_norm_backward, bn_relu_reference, folded_affine, normalize
+from ._autograd import bn_autograd
+from ._conv1x1_triton import conv1x1_backward_triton, conv1x1_forward_triton, runs_conv1x1_triton
+from ._primitive import Op
+from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
+from .layout import broadcast, empty_like_layout, is_channels_last
 
 
 def matmul_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -23,11 +26,18 @@ def matmul_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.unflatten(2, x.shape[2:])
 
 
-def bn_relu_conv1x1_reference(x, mean, invstd, gamma, beta, weight):
+def bn_relu_conv1x1_reference(
+    x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor
+) -> Tensor:
+    """weight [B, C] @ relu(bn(x)) for x [N, C, *spatial]; [N, B, *spatial] out in x's layout."""
     return matmul_channels(weight, bn_relu_reference(x, mean, invstd, gamma, beta))
 
 
-def bn_relu_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
+def bn_relu_conv1x1_backward_reference(
+    grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor,
+    grad_buffer: Tensor, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Return (grad_weight, grad_gamma, grad_beta); add grad_x into grad_buffer[:, :C] in place."""
     x_hat = normalize(x, mean, invstd)
     z = torch.relu(x_hat * broadcast(gamma, x) + broadcast(beta, x))
     grad_weight = torch.einsum("nbs,ncs->bc", grad_y.flatten(2).to(z.dtype), z.flatten(2))
@@ -37,517 +47,13 @@ def bn_relu_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, wei
     return grad_weight.to(weight.dtype), grad_gamma, grad_beta
 
 
-@torch.library.custom_op("densenet_fused::bn_relu_conv1x1", mutates_args=())
-def bn_relu_conv1x1(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    weight: torch.Tensor,
-    training: bool,
-) -> torch.Tensor:
-    """weight [B, C] @ relu(bn(x)) for x [N, C, *spatial]; [N, B, *spatial] out in x's layout.
-
-    ``training`` only matters for autograd: it says mean/invstd are x's own batch statistics.
-    """
-    return _IMPLS[backend_for(x, _IMPLS)](x, mean, invstd, gamma, beta, weight)
-
-
-@torch.library.custom_op("densenet_fused::bn_relu_conv1x1_backward", mutates_args=("grad_buffer",))
-def bn_relu_conv1x1_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    weight: torch.Tensor,
-    grad_buffer: torch.Tensor,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (grad_weight, grad_gamma, grad_beta); add grad_x into grad_buffer[:, :C] in place."""
-    impl = _BACKWARD_IMPLS[backend_for(x, _BACKWARD_IMPLS)]
-    return impl(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training)
-
-
-def _fake(x, mean, invstd, gamma, beta, weight, training=False):
-    return empty_like_layout(x, weight.size(0))
-
-
-def _fake_backward(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
-    return torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta)
-
-
-_IMPLS = implementations(bn_relu_conv1x1_reference, "bn_relu_conv1x1_cpp", _fake)
-_BACKWARD_IMPLS = implementations(bn_relu_conv1x1_backward_reference, "bn_relu_conv1x1_backward_cpp", _fake_backward)
-bn_relu_conv1x1.register_fake(_fake)
-bn_relu_conv1x1_backward.register_fake(_fake_backward)
-
-
-def _setup_context(ctx, inputs, output):
-    x, mean, invstd, gamma, beta, weight, training = inputs
-    ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
-    ctx.training = training
-
-
-def _backward(ctx, grad_y):
-    x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        grad_x, grad_gamma, grad_beta, grad_weight = reference_backward(
-            bn_relu_conv1x1_reference, grad_y, x, mean, invstd, [gamma, beta, weight], ctx.training
-        )
-    else:
-        grad_x = torch.zeros_like(x)
-        grad_weight, grad_gamma, grad_beta = bn_relu_conv1x1_backward(
-            grad_y, x, mean, invstd, gamma, beta, weight, grad_x, ctx.training
-        )
-    return grad_x, None, None, grad_gamma, grad_beta, grad_weight, None
-
-
-bn_relu_conv1x1.register_autograd(_backward, setup_context=_setup_context)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  Three kernels, shared with the pooled
-# transition (bn_relu_pool_conv1x1.py) through the constexpr window PD x PH x PW (1x1x1 here):
-#
-# * forward GEMM   Y[:, q] = W @ Z[:, q], Z = avgpool(relu(x * scale + shift)) computed per loaded tile
-#                  (re-masked after the ReLU: relu(shift) is not 0 in masked rows), fp32 accumulation
-#                  (fp64 for fp64 inputs);
-# * weight grad    dW = sum_q dY[:, q] Z[:, q]^T, split-K over the N*H*W pixels into [splits, B, C]
-#                  partials summed by torch (deterministic);
-# * input grad     dA = (W^T dY) * (z > 0) with the ReLU mask recomputed from the buffer; REDUCE forms
-#                  sum dA and sum dA * x_hat per channel (= grad_beta, grad_gamma), APPLY writes
-#                  gamma * invstd * (dA - mean(dA) - x_hat * mean(dA * x_hat)) (training) or
-#                  gamma * invstd * dA (eval), added in place into grad_buffer[:, :C] (ACCUMULATE) or
-#                  stored.  Training runs REDUCE then APPLY (dA is recomputed, K = B is small, so no
-#                  scratch at all); eval runs both in one pass.
-#
-# fp32 inputs use IEEE fp32 dots unless DENSENET_FUSED_TF32=1; fp16/bf16 tiles feed the tensor cores
-# directly (Z is rounded to the input dtype before the dot, as the reference rounds its activation).
-
-
-if _tr.TRITON_AVAILABLE:
-    import triton
-    import triton.language as tl
-
-    # Autotuning spaces for A100 (sm80, 164 KiB smem) and H100 (sm90, 228 KiB), in three families:
-    #   "mma":   fp16/bf16 (and fp32 under TF32) on the tensor cores;
-    #   "fma32": IEEE fp32, which Triton computes with FMAs holding a whole BLOCK_K slice of both operands
-    #            in registers: only BLOCK_K = 16 stays out of register spills;
-    #   "fp64":  float64 (DMMA on sm80+), twice the registers and shared memory of fp32.
-    # Every config was compiled for sm80 and sm90 with Triton's own argument specialization, NCHW and
-    # channels-last, pooled and not (ptxas resource usage); ``pool=False`` marks those that spill
-    # registers when each Z element averages a 2x2 window (the transition), so pooled launches skip them.
-
-    def _family(named_args, kwargs) -> str:
-        dtype = named_args["x_ptr"].dtype
-        if dtype == torch.float64:
-            return "fp64"
-        if dtype == torch.float32 and kwargs.get("PREC", named_args.get("PREC")) == "ieee":
-            return "fma32"
-        return "mma"
-
-    def _pooling(named_args, kwargs) -> bool:
-        return kwargs.get("PW", named_args.get("PW", 1)) > 1
-
-    def _prune(configs, named_args, kwargs, widths):
-        """Configs of the launch's family; pooled-safe ones when pooling; no block wider than needed."""
-        family, pooling = _family(named_args, kwargs), _pooling(named_args, kwargs)
-        mine = [c for c in configs if _CONFIG_TAGS.get(id(c), ("", True))[0] == family]
-        kept = [
-            c
-            for c in mine
-            if (_CONFIG_TAGS[id(c)][1] or not pooling)
-            and all(c.kwargs[name] <= max(32, triton.next_power_of_2(size)) for name, size in widths.items())
-        ]
-        if not kept:  # e.g. B below every BLOCK_B of the family: the narrowest config
-            kept = sorted(mine, key=lambda c: [c.kwargs[name] for name in widths])[:1]
-        return kept or configs[:1]
-
-    def _prune_forward(configs, named_args, **kwargs):
-        return _prune(configs, named_args, kwargs, {"BLOCK_B": named_args["B"]})
-
-    def _prune_weight_grad(configs, named_args, **kwargs):
-        return _prune(configs, named_args, kwargs, {"BLOCK_B": named_args["B"], "BLOCK_C": named_args["C"]})
-
-    _CONFIG_TAGS = {}  # id(config) -> (family, usable when pooled)
-
-    def _tagged(names, rows):
-        configs = []
-        for family, pool_ok, *blocks, warps, stages in rows:
-            config = triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
-            _CONFIG_TAGS[id(config)] = (family, pool_ok)
-            configs.append(config)
-        return configs
-
-    # M = B (bn_size * k, usually 128 or 192), N = pixels, K = C.
-    _FORWARD_GPU_CONFIGS = _tagged(
-        ("BLOCK_B", "BLOCK_Q", "BLOCK_K"),
-        [
-            ("mma", True, 128, 128, 32, 8, 3),
-            ("mma", False, 128, 128, 64, 8, 3),
-            ("mma", True, 128, 64, 32, 4, 4),
-            ("mma", False, 64, 128, 32, 4, 4),
-            ("mma", True, 64, 64, 64, 4, 3),
-            ("mma", False, 128, 256, 32, 8, 3),
-            ("mma", True, 64, 256, 32, 8, 3),
-            ("fma32", True, 64, 128, 16, 8, 2),
-            ("fma32", True, 128, 64, 16, 8, 2),
-            ("fma32", True, 64, 64, 16, 8, 2),
-            ("fma32", True, 32, 128, 16, 4, 2),
-            ("fma32", True, 32, 64, 16, 4, 2),
-            ("fp64", True, 64, 64, 16, 8, 2),
-            ("fp64", True, 32, 64, 16, 4, 2),
-        ],
-    )
-    _FORWARD_CONFIGS = _tr.autotune_configs(
-        _FORWARD_GPU_CONFIGS, triton.Config({"BLOCK_B": 32, "BLOCK_Q": 64, "BLOCK_K": 32})
-    )
-
-    # M = B, N = C, K = pixels split in chunks of 128 (_WEIGHT_GRAD_ALIGN), which every BLOCK_Q divides.
-    _WEIGHT_GRAD_GPU_CONFIGS = _tagged(
-        ("BLOCK_B", "BLOCK_C", "BLOCK_Q"),
-        [
-            ("mma", True, 128, 128, 32, 8, 3),
-            ("mma", False, 128, 128, 64, 8, 3),
-            ("mma", False, 128, 64, 32, 4, 3),
-            ("mma", False, 64, 128, 32, 4, 3),
-            ("mma", True, 64, 64, 64, 4, 3),
-            ("mma", True, 64, 64, 32, 4, 4),
-            ("mma", False, 32, 64, 64, 4, 3),
-            ("fma32", True, 64, 64, 16, 8, 2),
-            ("fma32", True, 32, 64, 16, 4, 2),
-            ("fma32", False, 64, 128, 16, 8, 2),
-            ("fma32", False, 128, 64, 16, 8, 2),
-            ("fma32", False, 64, 64, 32, 8, 2),
-            ("fp64", True, 64, 64, 16, 8, 2),
-            ("fp64", True, 32, 64, 16, 4, 2),
-        ],
-    )
-    _WEIGHT_GRAD_CONFIGS = _tr.autotune_configs(
-        _WEIGHT_GRAD_GPU_CONFIGS, triton.Config({"BLOCK_B": 32, "BLOCK_C": 64, "BLOCK_Q": 64})
-    )
-
-    @triton.jit
-    def _bn_relu_pool_tile(
-        x_ptr, offs_c, mask_c, sxc, base, mask_q, sxd, sxh, sxw, scale, shift,
-        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
-    ):  # fmt: skip
-        """[BLOCK_C, BLOCK_Q] ACC tile of relu(x * scale + shift) averaged over PDxPHxPW windows at
-        pixel offsets ``base``; exactly 0 outside the masks (relu(shift) is not)."""
-        mask = mask_c[:, None] & mask_q[None, :]
-        ptrs = x_ptr + offs_c.to(tl.int64)[:, None] * sxc + base[None, :]
-        z = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        for i in tl.static_range(PD):
-            for j in tl.static_range(PH):
-                for k in tl.static_range(PW):
-                    x = tl.load(ptrs + (i * sxd + j * sxh + k * sxw), mask=mask, other=0.0)
-                    z += tl.maximum(x.to(ACC) * scale[:, None] + shift[:, None], 0.0)
-        if PD * PH * PW > 1:
-            z = z * (1.0 / (PD * PH * PW))
-        return tl.where(mask, z, 0.0)
-
-    @triton.autotune(
-        configs=_FORWARD_CONFIGS,
-        key=["C_KEY", "B", "Q_KEY", "LAYOUT_KEY", "PW", "PREC"],
-        prune_configs_by={"early_config_prune": _prune_forward},
-    )
-    @triton.jit
-    def _conv1x1_forward_kernel(
-        x_ptr, scale_ptr, shift_ptr, w_ptr, y_ptr,
-        C, B, Q, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
-        sxn, sxc, sxd, sxh, sxw,
-        swb, swc,
-        syn, syb, syd, syh, syw,
-        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_q = offs_q < Q
-        mask_b = offs_b < B
-        n, od, oh, ow = _tr.pixel_coords(offs_q, OD, OH, OW)
-        x_base = n * sxn + (od * PD) * sxd + (oh * PH) * sxh + (ow * PW) * sxw
-        acc = tl.zeros([BLOCK_B, BLOCK_Q], dtype=ACC)
-        for k0 in range(0, C, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C
-            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-            z = _bn_relu_pool_tile(
-                x_ptr, offs_k, mask_k, sxc, x_base, mask_q, sxd, sxh, sxw, scale, shift, PD, PH, PW, ACC, BLOCK_K, BLOCK_Q
-            )
-            w_mask = mask_b[:, None] & mask_k[None, :]
-            w = tl.load(w_ptr + offs_b[:, None] * swb + offs_k[None, :] * swc, mask=w_mask, other=0.0)
-            acc = tl.dot(w, z.to(w.dtype), acc, input_precision=PREC)
-        y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * syb + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_q[None, :])
-
-    @triton.autotune(
-        configs=_WEIGHT_GRAD_CONFIGS,
-        key=["C_KEY", "B", "Q_KEY", "LAYOUT_KEY", "PW", "PREC"],
-        prune_configs_by={"early_config_prune": _prune_weight_grad},
-    )
-    @triton.jit
-    def _conv1x1_weight_grad_kernel(
-        dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr,
-        C, B, Q, chunk, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
-        sdn, sdb, sdd, sdh, sdw,
-        sxn, sxc, sxd, sxh, sxw,
-        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
-    ):  # fmt: skip
-        pid_s = tl.program_id(2)
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_b = offs_b < B
-        mask_c = offs_c < C
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-        dy_rows = dy_ptr + offs_b.to(tl.int64)[:, None] * sdb
-        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
-        q_start = pid_s * chunk
-        q_end = tl.minimum(q_start + chunk, Q)
-        for q0 in range(q_start, q_end, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask_q = offs_q < q_end
-            n, od, oh, ow = _tr.pixel_coords(offs_q, OD, OH, OW)
-            dy_mask = mask_b[:, None] & mask_q[None, :]
-            dy = tl.load(dy_rows + (n * sdn + od * sdd + oh * sdh + ow * sdw)[None, :], mask=dy_mask, other=0.0)
-            x_base = n * sxn + (od * PD) * sxd + (oh * PH) * sxh + (ow * PW) * sxw
-            z = _bn_relu_pool_tile(
-                x_ptr, offs_c, mask_c, sxc, x_base, mask_q, sxd, sxh, sxw, scale, shift, PD, PH, PW, ACC, BLOCK_C, BLOCK_Q
-            )
-            acc = tl.dot(dy, tl.trans(z.to(dy.dtype)), acc, input_precision=PREC)
-        part_ptrs = part_ptr + (pid_s * B + offs_b)[:, None].to(tl.int64) * C + offs_c[None, :]
-        tl.store(part_ptrs, acc, mask=mask_b[:, None] & mask_c[None, :])
-
-    @triton.jit
-    def _conv1x1_input_grad_kernel(
-        dy_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c1_ptr, c2_ptr, gx_ptr, sums_ptr,
-        C, B, Q, chunk, D, H, W, OD, OH, OW,
-        sdn, sdb, sdd, sdh, sdw,
-        swb, swc,
-        sxn, sxc, sxd, sxh, sxw,
-        sgn, sgc, sgd, sgh, sgw,
-        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-        RD: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-        REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
-        PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
-    ):  # fmt: skip
-        """Programs own BLOCK_C channels and one chunk of (pooled) pixels.  Offsets i < PD (etc.) walk the
-        pooling window; RD = PD + 1 adds the row the floor cuts off after the last window (its grad_x
-        has no dA term but, in training, still the mean terms)."""
-        pid_s = tl.program_id(1)
-        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        channels = offs_c.to(tl.int64)[:, None]
-        mean, invstd, scale, shift = _tr.load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c)
-        if TRAINING:
-            c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-            c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        sum_da = tl.zeros([BLOCK_C], dtype=ACC)
-        sum_da_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-        q_start = pid_s * chunk
-        q_end = tl.minimum(q_start + chunk, Q)
-        for q0 in range(q_start, q_end, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask_q = offs_q < q_end
-            n, od, oh, ow = _tr.pixel_coords(offs_q, OD, OH, OW)
-            dy_base = n * sdn + od * sdd + oh * sdh + ow * sdw
-            dz = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-            for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
-                wt_mask = mask_c[:, None] & mask_b[None, :]
-                wt = tl.load(w_ptr + offs_c[:, None] * swc + offs_b[None, :] * swb, mask=wt_mask, other=0.0)
-                dy_ptrs = dy_ptr + offs_b.to(tl.int64)[:, None] * sdb + dy_base[None, :]
-                dy = tl.load(dy_ptrs, mask=mask_b[:, None] & mask_q[None, :], other=0.0)
-                dz = tl.dot(wt, dy.to(wt.dtype), dz, input_precision=PREC)
-            if PD * PH * PW > 1:
-                dz = dz * (1.0 / (PD * PH * PW))
-            for i in tl.static_range(RD):
-                for j in tl.static_range(RH):
-                    for k in tl.static_range(RW):
-                        d = od * PD + i
-                        h = oh * PH + j
-                        w = ow * PW + k
-                        valid = mask_q
-                        if i >= PD:
-                            valid = valid & (od == OD - 1) & (d < D)
-                        if j >= PH:
-                            valid = valid & (oh == OH - 1) & (h < H)
-                        if k >= PW:
-                            valid = valid & (ow == OW - 1) & (w < W)
-                        mask = mask_c[:, None] & valid[None, :]
-                        x_ptrs = x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :]
-                        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
-                        x_hat = (x - mean) * invstd
-                        if (i < PD) & (j < PH) & (k < PW):
-                            da = tl.where(mask & (x * scale + shift > 0.0), dz, 0.0)
-                            if REDUCE:
-                                sum_da += tl.sum(da, axis=1)
-                                sum_da_xhat += tl.sum(da * x_hat, axis=1)
-                        else:
-                            da = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-                        if APPLY:
-                            if TRAINING:
-                                gx = scale * (da - c1 - x_hat * c2)
-                            else:
-                                gx = scale * da
-                            g_ptrs = gx_ptr + channels * sgc + (n * sgn + d * sgd + h * sgh + w * sgw)[None, :]
-                            if ACCUMULATE:
-                                gx += tl.load(g_ptrs, mask=mask, other=0.0).to(ACC)
-                            tl.store(g_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        if REDUCE:
-            splits = tl.num_programs(1)
-            tl.store(sums_ptr + pid_s * C + offs_c, sum_da, mask=mask_c)
-            tl.store(sums_ptr + (splits + pid_s) * C + offs_c, sum_da_xhat, mask=mask_c)
-
-
-_WEIGHT_GRAD_ALIGN = {"gpu": 128, "interpreter": 64}
-# Not autotuned: APPLY adds into grad_buffer in place, and rerunning it to time configs would add twice.
-# The pooled variant visits up to 3x3 pixels per pooled pixel: a narrower tile on 8 warps.  IEEE fp32
-# and fp64 dots hold whole K slices in registers: K = BLOCK_B = 16.  (Each one compiled for sm80/sm90
-# without register spills.)
-_INPUT_GRAD_CONFIG = {
-    "mma": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32, "num_warps": 4, "num_stages": 2},
-    "mma_pool": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 32, "num_warps": 8, "num_stages": 2},
-    "fma": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 16, "num_warps": 8, "num_stages": 2},
-    "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32},
-}
-
-
-def _input_grad_config(dtype: torch.dtype, precision: str, pool: bool) -> dict:
-    if _tr.interpreting():
-        return dict(_INPUT_GRAD_CONFIG["interpreter"])
-    if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
-        return dict(_INPUT_GRAD_CONFIG["fma"])
-    return dict(_INPUT_GRAD_CONFIG["mma_pool" if pool else "mma"])
-
-
-def _tune_keys(x: torch.Tensor, channels: int, pixels: int) -> tuple[int, int, int]:
-    """Autotuning keys (unused by the kernels): C and pixels in powers of 2, so the 58 layer widths of
-    a DenseNet-121 share a few tunings, and whether channels are contiguous (channels-last)."""
-    return triton.next_power_of_2(channels), triton.next_power_of_2(pixels), int(x.stride(1) == 1)
-
-
-def pool_window(x: torch.Tensor, pool: bool) -> list:
-    """The averaging window [PD, PH, PW] over x's spatial dims padded to 3: 2 per real dim when pooling."""
-    rank = x.dim() - 2
-    return [1] * (3 - rank) + [2] * rank if pool else [1, 1, 1]
-
-
-def conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool: bool):
-    """out = weight @ [avgpool2x](relu(bn(x))); the caller allocated ``out`` [N, B, *out_spatial]."""
-    window = pool_window(x, pool)
-    if pool:
-        sx = _tr.geometry(x, merge=False)[1]
-        (od, oh, ow), sy = _tr.geometry(out, merge=False)
-    else:
-        (od, oh, ow), (sx, sy) = _tr.common_geometry(x, out)
-    c, b = x.size(1), weight.size(0)
-    q = x.size(0) * od * oh * ow
-    weight = weight.to(x.dtype)
-    scale, shift = folded_affine(mean, invstd, gamma, beta, acc_dtype(x.dtype))
-
-    def grid(meta):
-        return triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(b, meta["BLOCK_B"])
-
-    with _tr.device_guard(x):
-        _conv1x1_forward_kernel[grid](
-            x, scale, shift, weight, out,
-            c, b, q, *_tune_keys(x, c, q), od, oh, ow,
-            x.stride(0), x.stride(1), *sx, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *sy,
-            PD=window[0], PH=window[1], PW=window[2], PREC=_tr.input_precision(x.dtype), ACC=_tr.acc_type(x.dtype),
-        )  # fmt: skip
-    return out
-
-
-def conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool: bool, accumulate):
-    """(grad_weight, grad_gamma, grad_beta); grad_x (same layout rules as x) is added to or overwritten.
-
-    Shared by bn_relu_conv1x1 (accumulate into the block's gradient buffer) and the pooled transition.
-    """
-    window = pool_window(x, pool)
-    if pool:
-        (d, h, w), sx = _tr.geometry(x, merge=False)
-        (od, oh, ow), sd = _tr.geometry(grad_y, merge=False)
-        sg = _tr.geometry(grad_x, merge=False)[1]
-    else:
-        (d, h, w), (sx, sd, sg) = _tr.common_geometry(x, grad_y, grad_x)
-        od, oh, ow = d, h, w
-    n, c, b = x.size(0), x.size(1), weight.size(0)
-    q_out, count = n * od * oh * ow, n * d * h * w
-    weight_dtype, weight = weight.dtype, weight.to(x.dtype)
-    grad_y = grad_y.to(x.dtype)
-    acc = acc_dtype(x.dtype)
-    scale, shift = folded_affine(mean, invstd, gamma, beta, acc)
-    mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    acc_type = _tr.acc_type(x.dtype)
-    precision = _tr.input_precision(x.dtype)
-    gpu = "interpreter" if _tr.interpreting() else "gpu"
-    geometry_args = (x.stride(0), x.stride(1), *sx)
-    dy_args = (grad_y.stride(0), grad_y.stride(1), *sd)
-
-    # grad_weight: split-K over the output pixels into partials in the accumulation dtype
-    align = _WEIGHT_GRAD_ALIGN[gpu]
-    # (the [splits, B, C] partials stay below the size of x: at most one layer-sized scratch).
-    max_splits = max(1, q_out * x.element_size() // (acc.itemsize * b))
-    splits, chunk = _tr.num_splits(triton.cdiv(b, 64) * triton.cdiv(c, 64), q_out, align, x.device, max_splits)
-    part = torch.empty((splits, b, c), dtype=acc, device=x.device)
-
-    def weight_grid(meta):
-        return triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(c, meta["BLOCK_C"]), splits
-
-    # grad_x and the BatchNorm sums.
-    config = _input_grad_config(x.dtype, precision, pool)
-    c_blocks = triton.cdiv(c, config["BLOCK_C"])
-    x_splits, x_chunk = _tr.num_splits(c_blocks, q_out, config["BLOCK_Q"], x.device)
-    sums = torch.empty((2, x_splits, c), dtype=acc, device=x.device)
-    odd = [0, 0, 0] if not pool else [s % 2 if p == 2 else 0 for s, p in zip((d, h, w), window)]
-
-    def input_grad(c1, c2, reduce, apply, train):
-        extra = odd if apply else [0, 0, 0]
-        _conv1x1_input_grad_kernel[(c_blocks, x_splits)](
-            grad_y, weight, x, mean_acc, invstd_acc, scale, shift, c1, c2, grad_x, sums,
-            c, b, q_out, x_chunk, d, h, w, od, oh, ow,
-            *dy_args, weight.stride(0), weight.stride(1), *geometry_args, grad_x.stride(0), grad_x.stride(1), *sg,
-            PD=window[0], PH=window[1], PW=window[2],
-            RD=window[0] + extra[0], RH=window[1] + extra[1], RW=window[2] + extra[2],
-            REDUCE=reduce, APPLY=apply, TRAINING=train, ACCUMULATE=accumulate, PREC=precision, ACC=acc_type,
-            **config,
-        )  # fmt: skip
-
-    with _tr.device_guard(x):
-        _conv1x1_weight_grad_kernel[weight_grid](
-            grad_y, x, scale, shift, part,
-            c, b, q_out, chunk, *_tune_keys(x, c, q_out), od, oh, ow,
-            *dy_args, *geometry_args,
-            PD=window[0], PH=window[1], PW=window[2], PREC=precision, ACC=acc_type,
-        )  # fmt: skip
-        if training:
-            input_grad(scale, scale, True, False, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-            input_grad(grad_beta / count, grad_gamma / count, False, True, True)
-        else:
-            input_grad(scale, scale, True, True, False)
-            grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-    grad_weight = part[0] if splits == 1 else part.sum(0)
-    return grad_weight.to(weight_dtype), grad_gamma, grad_beta
-
-
-def _triton_geometry_ok(*tensors) -> bool:
-    """Dtypes the kernels take, non-empty, at most 3 spatial dims (else the launchers run the reference)."""
-    return _tr.runs_triton(*tensors) and all(_tr.geometry(t, merge=False) is not None for t in tensors)
+# Triton: the shared 1x1-conv kernels of ``_conv1x1_triton`` with a 1x1x1 window.
 
 
 def bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
     """bn_relu_conv1x1 forward with Triton (empty inputs and more than 3 spatial dims use the reference)."""
-    if not _triton_geometry_ok(x, weight):
+    if not runs_conv1x1_triton(x, weight):
         return bn_relu_conv1x1_reference(x, mean, invstd, gamma, beta, weight)
     out = empty_like_layout(x, weight.size(0))
     return conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool=False)
@@ -556,13 +62,38 @@ def bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
 def bn_relu_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
     """Triton backward: returns (grad_weight, grad_gamma, grad_beta), adds grad_x into grad_buffer[:, :C]."""
     grad_x = grad_buffer[:, : x.size(1)]
-    if not _triton_geometry_ok(grad_y, x, weight, grad_buffer) or _tr.common_geometry(x, grad_y, grad_x) is None:
+    if not runs_conv1x1_triton(grad_y, x, weight, grad_buffer) or _tr.common_geometry(x, grad_y, grad_x) is None:
         return bn_relu_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training)
     return conv1x1_backward_triton(
         grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool=False, accumulate=True
     )
 
 
-if _tr.TRITON_AVAILABLE:
-    _IMPLS["triton"] = bn_relu_conv1x1_triton
-    _BACKWARD_IMPLS["triton"] = bn_relu_conv1x1_backward_triton
+# ---------------------------------------------------------------------------------------------------
+# The custom ops.  ``training`` only matters for autograd: it says mean/invstd are x's batch statistics.
+
+
+def _fake(x, mean, invstd, gamma, beta, weight):
+    return empty_like_layout(x, weight.size(0))
+
+
+def _fake_backward(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
+    return torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _kernel_backward(grad_y, x, mean, invstd, gamma, beta, weight, training):
+    grad_x = torch.zeros_like(x)
+    grad_weight, grad_gamma, grad_beta = bn_relu_conv1x1_backward(
+        grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training
+    )
+    return grad_x, grad_gamma, grad_beta, grad_weight
+
+
+bn_relu_conv1x1_backward = Op(
+    "bn_relu_conv1x1", "bn_relu_conv1x1_backward", bn_relu_conv1x1_backward_reference, _fake_backward,
+    triton=bn_relu_conv1x1_backward_triton, mutates_args=("grad_buffer",),
+).custom_op  # fmt: skip
+bn_relu_conv1x1 = Op(
+    "bn_relu_conv1x1", "bn_relu_conv1x1", bn_relu_conv1x1_reference, _fake, triton=bn_relu_conv1x1_triton,
+    autograd=bn_autograd(bn_relu_conv1x1_reference, _kernel_backward),
+).custom_op  # fmt: skip

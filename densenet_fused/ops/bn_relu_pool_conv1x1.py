@@ -6,12 +6,14 @@ fewer GEMM FLOPs (2^d fewer in d spatial dims).  Backward recomputes the activat
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import _triton as _tr
-from ._autograd import reference_backward
-from ._backend import backend_for, broadcast, empty_like_layout, implementations, is_channels_last, to_layout_of
+from ._autograd import bn_autograd
+from ._conv1x1_triton import conv1x1_backward_triton, conv1x1_forward_triton, runs_conv1x1_triton
+from ._primitive import Op
 from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
-from .bn_relu_conv1x1 import _triton_geometry_ok, conv1x1_backward_triton, conv1x1_forward_triton, matmul_channels
+from .bn_relu_conv1x1 import matmul_channels
+from .layout import broadcast, empty_like_layout, to_layout_of
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -32,12 +34,19 @@ def avg_pool2x_backward(grad_pooled: torch.Tensor, spatial) -> torch.Tensor:
     return F.pad(grad, padding)
 
 
-def bn_relu_pool_conv1x1_reference(x, mean, invstd, gamma, beta, weight):
+def bn_relu_pool_conv1x1_reference(
+    x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor
+) -> Tensor:
+    """weight [B, C] @ avgpool2(relu(bn(x))), in x's layout."""
     pooled = avg_pool2x(bn_relu_reference(x, mean, invstd, gamma, beta))
     return to_layout_of(matmul_channels(weight, pooled), x)  # CPU avg_pool3d drops channels_last_3d
 
 
-def bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, training):
+def bn_relu_pool_conv1x1_backward_reference(
+    grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Return (grad_x, grad_weight, grad_gamma, grad_beta) of bn_relu_pool_conv1x1."""
     x_hat = normalize(x, mean, invstd)
     z = torch.relu(x_hat * broadcast(gamma, x) + broadcast(beta, x))
     pooled = avg_pool2x(z)
@@ -48,37 +57,8 @@ def bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta
     return to_layout_of(grad_x.to(x.dtype), x), grad_weight.to(weight.dtype), grad_gamma, grad_beta
 
 
-@torch.library.custom_op("densenet_fused::bn_relu_pool_conv1x1", mutates_args=())
-def bn_relu_pool_conv1x1(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    weight: torch.Tensor,
-    training: bool,
-) -> torch.Tensor:
-    """weight [B, C] @ avgpool2(relu(bn(x))); ``training`` says mean/invstd are x's batch statistics."""
-    return _IMPLS[backend_for(x, _IMPLS)](x, mean, invstd, gamma, beta, weight)
-
-
-@torch.library.custom_op("densenet_fused::bn_relu_pool_conv1x1_backward", mutates_args=())
-def bn_relu_pool_conv1x1_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    weight: torch.Tensor,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (grad_x, grad_weight, grad_gamma, grad_beta) of bn_relu_pool_conv1x1."""
-    impl = _BACKWARD_IMPLS[backend_for(x, _BACKWARD_IMPLS)]
-    return impl(grad_y, x, mean, invstd, gamma, beta, weight, training)
-
-
-def _fake(x, mean, invstd, gamma, beta, weight, training=False):
+def _fake(x, mean, invstd, gamma, beta, weight):
+    """[N, B, *spatial // 2] in x's layout: the output, also what the Triton launcher allocates."""
     return empty_like_layout(x, weight.size(0), spatial=[s // 2 for s in x.shape[2:]])
 
 
@@ -86,62 +66,21 @@ def _fake_backward(grad_y, x, mean, invstd, gamma, beta, weight, training):
     return empty_like_layout(x, x.size(1)), torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta)
 
 
-_IMPLS = implementations(bn_relu_pool_conv1x1_reference, "bn_relu_pool_conv1x1_cpp", _fake)
-_BACKWARD_IMPLS = implementations(
-    bn_relu_pool_conv1x1_backward_reference, "bn_relu_pool_conv1x1_backward_cpp", _fake_backward
-)
-bn_relu_pool_conv1x1.register_fake(_fake)
-bn_relu_pool_conv1x1_backward.register_fake(_fake_backward)
-
-
-def _setup_context(ctx, inputs, output):
-    x, mean, invstd, gamma, beta, weight, training = inputs
-    ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
-    ctx.training = training
-
-
-def _backward(ctx, grad_y):
-    x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        grad_x, grad_gamma, grad_beta, grad_weight = reference_backward(
-            bn_relu_pool_conv1x1_reference, grad_y, x, mean, invstd, [gamma, beta, weight], ctx.training
-        )
-    else:
-        grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
-            grad_y, x, mean, invstd, gamma, beta, weight, ctx.training
-        )
-    return grad_x, None, None, grad_gamma, grad_beta, grad_weight, None
-
-
-bn_relu_pool_conv1x1.register_autograd(_backward, setup_context=_setup_context)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1): the kernels of bn_relu_conv1x1.py with a
-# 2x2 (2^d) averaging window applied to each BN -> ReLU tile as it is loaded, before the GEMM.  The
-# input-gradient kernel also visits the row/column the floor cuts off (odd sizes) so grad_x is written
-# everywhere (in training those pixels still get the BatchNorm mean terms).
-
-
-
-def _pooled_empty(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """[N, channels, *spatial // 2] in x's layout (channels-last exactly when x is)."""
-    n, pooled = x.size(0), [s // 2 for s in x.shape[2:]]
-    if not is_channels_last(x):
-        return torch.empty((n, channels, *pooled), dtype=x.dtype, device=x.device)
-    return torch.empty((n, *pooled, channels), dtype=x.dtype, device=x.device).movedim(-1, 1)
+# Triton: the shared 1x1-conv kernels of ``_conv1x1_triton`` with a 2x2 (2^d) averaging window applied
+# to each BN -> ReLU tile as it is loaded, before the GEMM.
 
 
 def _pool_runs_triton(x, *others) -> bool:
     """1 to 3 spatial dims of size >= 2 at least (the reference decides what smaller sizes mean)."""
-    return _triton_geometry_ok(x, *others) and 1 <= x.dim() - 2 <= 3 and min(x.shape[2:]) >= 2
+    return runs_conv1x1_triton(x, *others) and 1 <= x.dim() - 2 <= 3 and min(x.shape[2:]) >= 2
 
 
 def bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
     """Triton forward; spatial sizes below 2 and more than 3 spatial dims use the reference."""
     if not _pool_runs_triton(x, weight):
         return bn_relu_pool_conv1x1_reference(x, mean, invstd, gamma, beta, weight)
-    out = _pooled_empty(x, weight.size(0))
+    out = _fake(x, mean, invstd, gamma, beta, weight)
     return conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool=True)
 
 
@@ -156,6 +95,22 @@ def bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, w
     return grad_x, grad_weight, grad_gamma, grad_beta
 
 
-if _tr.TRITON_AVAILABLE:
-    _IMPLS["triton"] = bn_relu_pool_conv1x1_triton
-    _BACKWARD_IMPLS["triton"] = bn_relu_pool_conv1x1_backward_triton
+# ---------------------------------------------------------------------------------------------------
+# The custom ops.  ``training`` says mean/invstd are x's batch statistics (autograd only).
+
+
+def _kernel_backward(grad_y, x, mean, invstd, gamma, beta, weight, training):
+    grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
+        grad_y, x, mean, invstd, gamma, beta, weight, training
+    )
+    return grad_x, grad_gamma, grad_beta, grad_weight
+
+
+bn_relu_pool_conv1x1_backward = Op(
+    "bn_relu_pool_conv1x1", "bn_relu_pool_conv1x1_backward", bn_relu_pool_conv1x1_backward_reference,
+    _fake_backward, triton=bn_relu_pool_conv1x1_backward_triton,
+).custom_op  # fmt: skip
+bn_relu_pool_conv1x1 = Op(
+    "bn_relu_pool_conv1x1", "bn_relu_pool_conv1x1", bn_relu_pool_conv1x1_reference, _fake,
+    triton=bn_relu_pool_conv1x1_triton, autograd=bn_autograd(bn_relu_pool_conv1x1_reference, _kernel_backward),
+).custom_op  # fmt: skip
