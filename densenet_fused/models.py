@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import densenet as tv
+from torchvision.models._utils import handle_legacy_interface
 
 from . import distributed
 from . import norm as bn
@@ -199,28 +200,34 @@ def _densenet(
     return model
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet121_Weights.IMAGENET1K_V1))
 def densenet121(*, weights: Optional[tv.DenseNet121_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6/12/24/16); ``weights`` as in torchvision.models.densenet121."""
     return _densenet(32, (6, 12, 24, 16), 64, tv.DenseNet121_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet161_Weights.IMAGENET1K_V1))
 def densenet161(*, weights: Optional[tv.DenseNet161_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6/12/36/24); ``weights`` as in torchvision.models.densenet161."""
     return _densenet(48, (6, 12, 36, 24), 96, tv.DenseNet161_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet169_Weights.IMAGENET1K_V1))
 def densenet169(*, weights: Optional[tv.DenseNet169_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6/12/32/32); ``weights`` as in torchvision.models.densenet169."""
     return _densenet(32, (6, 12, 32, 32), 64, tv.DenseNet169_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet201_Weights.IMAGENET1K_V1))
 def densenet201(*, weights: Optional[tv.DenseNet201_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6/12/48/32); ``weights`` as in torchvision.models.densenet201."""
     return _densenet(32, (6, 12, 48, 32), 64, tv.DenseNet201_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", None))
 def densenet264(*, weights: None = None, progress: bool = True, **kwargs) -> DenseNet:
-    """DenseNet-264 (k=32, blocks 6/12/64/48); torchvision publishes no weights for it."""
+    """DenseNet-264 (k=32, blocks 6/12/64/48); torchvision publishes no weights for it (so ``pretrained=True``
+    raises, as torchvision's legacy interface does for a builder without weights)."""
     if weights is not None:
         raise ValueError("densenet264 has no pretrained weights")
     return _densenet(32, (6, 12, 64, 48), 64, None, progress, **kwargs)
