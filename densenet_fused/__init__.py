@@ -1,8 +1,11 @@
 """Memory-efficient DenseNets: a drop-in replacement for torchvision's, with fused kernels."""
 
+from . import tracing
 from .block import DenseBlock, DenseLayer, Transition
 from .convert import convert
 from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264
+
+tracing.register_timm_leaves()
 
 __all__ = [
     "DenseBlock",

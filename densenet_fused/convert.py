@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import densenet as tv
 
+from . import tracing
 from .block import _DenseBlock, _DenseLayer, _Transition, layer_types
 
 
@@ -23,6 +24,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     conv with bias or another shape, another pooling), or that has hooks registered (they would be lost with
     it), raises ValueError naming it; nothing is half-converted.
     """
+    tracing.register_timm_leaves()
     if not inplace:
         model = copy.deepcopy(model)
     for path, fused in _plan(model, ""):  # _plan checks everything before anything is swapped

@@ -12,6 +12,7 @@ from torchvision.models._utils import handle_legacy_interface
 
 from . import distributed
 from . import norm as bn
+from . import tracing
 from .block import _DenseBlock, _Transition, layer_types
 
 _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -139,8 +140,11 @@ class DenseNet(nn.Module):
             in_channels=in_channels,
         )
 
+    __prepare_scriptable__ = tracing.refuse_torchscript
+
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        if not tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
+            self._check_input(x)
         features = self.features(x)
         out = F.relu(features, inplace=True)
         out = _ADAPTIVE_AVG_POOL[self.spatial_dims](out, 1)
