@@ -121,13 +121,20 @@ class DenseNet(nn.Module):
     ) -> "DenseNet":
         """The network ``monai.networks.nets.DenseNet`` builds from these arguments (MONAI's names and defaults).
 
-        Same layers, initialization and numerics; module names and state_dict keys are torchvision's.  Only
-        MONAI's default activation (ReLU) and norm (plain batch norm) exist in the fused blocks.
+        Same layers, initialization and numerics; module names and state_dict keys are torchvision's
+        (``load_monai_state_dict`` and ``monai_state_dict`` translate MONAI's).  Only MONAI's default
+        activation (ReLU) and norm (plain batch norm) exist in the fused blocks, and dropout only in 1-D: in
+        2-D and 3-D MONAI drops whole channels, the fused blocks single values (as torchvision's).
         """
         act_name, _ = _monai_layer_spec(act)
         norm_name, norm_args = _monai_layer_spec(norm)
         if act_name != "relu" or norm_name != "batch" or norm_args:
             raise ValueError(f"fused dense blocks need act='relu' and norm='batch', got act={act!r}, norm={norm!r}")
+        if dropout_prob > 0 and spatial_dims != 1:
+            raise ValueError(
+                f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
+                f"single values: dropout_prob must be 0 for spatial_dims={spatial_dims}, got {dropout_prob}"
+            )
         return cls(
             growth_rate=growth_rate,
             block_config=tuple(block_config),
