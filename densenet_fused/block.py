@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import norm as bn
+from . import tracing
 from .ops import bn_relu, bn_relu_backward, bn_relu_conv1x1, bn_relu_conv1x1_backward, bn_relu_pool_conv1x1
 from .ops import bn_relu_pool_conv1x1_backward
 from .ops import channel_stats
@@ -487,8 +488,12 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
+    __prepare_scriptable__ = tracing.refuse_torchscript
+
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
         """A tensor or a list of tensors (concatenated along channels) in, ``growth_rate`` channels out."""
+        if tracing.is_fx_traced(input):
+            return tracing.leaf_call(self, input)
         buf = dense_layers_forward([self], input, type(self).__name__)
         return buf[:, self.norm1.num_features :]
 
@@ -520,12 +525,16 @@ class _DenseBlock(nn.ModuleDict):
             )
             self.add_module("denselayer%d" % (i + 1), layer)
 
+    __prepare_scriptable__ = tracing.refuse_torchscript
+
     def forward(self, init_features: Tensor | list[Tensor]) -> Tensor:
         """[N, C0 + L*k, *spatial]: the input followed by every layer's k new channels.
 
         A list of tensors (e.g. an upsampled map and a skip connection) is copied into the buffer side by
         side, as if concatenated along channels, without a torch.cat.
         """
+        if tracing.is_fx_traced(init_features):
+            return tracing.leaf_call(self, init_features)
         return dense_layers_forward(list(self.values()), init_features, "DenseBlock")
 
 
@@ -540,7 +549,11 @@ class _Transition(nn.Sequential):
         self.conv = types.conv(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = types.avg_pool(kernel_size=2, stride=2)
 
+    __prepare_scriptable__ = tracing.refuse_torchscript
+
     def forward(self, input: Tensor) -> Tensor:
+        if tracing.is_fx_traced(input):
+            return tracing.leaf_call(self, input)
         dtype = _check_input([input], self.norm.num_features, self.conv.weight, "Transition")
         if any(size < 2 for size in input.shape[2:]):
             raise ValueError(f"Transition pools by 2 and needs a spatial size of at least 2, got {tuple(input.shape)}")

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import densenet as tv
+from torchvision.models._utils import handle_legacy_interface
 
 from . import distributed
 from . import norm as bn
+from . import tracing
 from .block import _DenseBlock, _Transition, layer_types
 
 _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -119,13 +121,20 @@ class DenseNet(nn.Module):
     ) -> "DenseNet":
         """The network ``monai.networks.nets.DenseNet`` builds from these arguments (MONAI's names and defaults).
 
-        Same layers, initialization and numerics; module names and state_dict keys are torchvision's.  Only
-        MONAI's default activation (ReLU) and norm (plain batch norm) exist in the fused blocks.
+        Same layers, initialization and numerics; module names and state_dict keys are torchvision's
+        (``load_monai_state_dict`` and ``monai_state_dict`` translate MONAI's).  Only MONAI's default
+        activation (ReLU) and norm (plain batch norm) exist in the fused blocks, and dropout only in 1-D: in
+        2-D and 3-D MONAI drops whole channels, the fused blocks single values (as torchvision's).
         """
         act_name, _ = _monai_layer_spec(act)
         norm_name, norm_args = _monai_layer_spec(norm)
         if act_name != "relu" or norm_name != "batch" or norm_args:
             raise ValueError(f"fused dense blocks need act='relu' and norm='batch', got act={act!r}, norm={norm!r}")
+        if dropout_prob > 0 and spatial_dims != 1:
+            raise ValueError(
+                f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
+                f"single values: dropout_prob must be 0 for spatial_dims={spatial_dims}, got {dropout_prob}"
+            )
         return cls(
             growth_rate=growth_rate,
             block_config=tuple(block_config),
@@ -138,8 +147,11 @@ class DenseNet(nn.Module):
             in_channels=in_channels,
         )
 
+    __prepare_scriptable__ = tracing.refuse_torchscript
+
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        if not tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
+            self._check_input(x)
         features = self.features(x)
         out = F.relu(features, inplace=True)
         out = _ADAPTIVE_AVG_POOL[self.spatial_dims](out, 1)
@@ -199,28 +211,34 @@ def _densenet(
     return model
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet121_Weights.IMAGENET1K_V1))
 def densenet121(*, weights: Optional[tv.DenseNet121_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6/12/24/16); ``weights`` as in torchvision.models.densenet121."""
     return _densenet(32, (6, 12, 24, 16), 64, tv.DenseNet121_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet161_Weights.IMAGENET1K_V1))
 def densenet161(*, weights: Optional[tv.DenseNet161_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6/12/36/24); ``weights`` as in torchvision.models.densenet161."""
     return _densenet(48, (6, 12, 36, 24), 96, tv.DenseNet161_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet169_Weights.IMAGENET1K_V1))
 def densenet169(*, weights: Optional[tv.DenseNet169_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6/12/32/32); ``weights`` as in torchvision.models.densenet169."""
     return _densenet(32, (6, 12, 32, 32), 64, tv.DenseNet169_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", tv.DenseNet201_Weights.IMAGENET1K_V1))
 def densenet201(*, weights: Optional[tv.DenseNet201_Weights | str] = None, progress: bool = True, **kwargs) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6/12/48/32); ``weights`` as in torchvision.models.densenet201."""
     return _densenet(32, (6, 12, 48, 32), 64, tv.DenseNet201_Weights.verify(weights), progress, **kwargs)
 
 
+@handle_legacy_interface(weights=("pretrained", None))
 def densenet264(*, weights: None = None, progress: bool = True, **kwargs) -> DenseNet:
-    """DenseNet-264 (k=32, blocks 6/12/64/48); torchvision publishes no weights for it."""
+    """DenseNet-264 (k=32, blocks 6/12/64/48); torchvision publishes no weights for it (so ``pretrained=True``
+    raises, as torchvision's legacy interface does for a builder without weights)."""
     if weights is not None:
         raise ValueError("densenet264 has no pretrained weights")
     return _densenet(32, (6, 12, 64, 48), 64, None, progress, **kwargs)

@@ -1,6 +1,7 @@
 """densenet_fused.convert: torchvision (and timm) DenseNets become fused ones with unchanged outputs."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -143,3 +144,28 @@ def test_timm_densenet_converts_with_identical_training(variant):
     assert converted.features.denseblock1.denselayer1.memory_efficient == (variant != "plain")
     x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
     _assert_same_training(converted, original, x)
+
+
+def _fused_layers(model):
+    return [m for m in model.modules() if isinstance(m, densenet_fused.DenseLayer)]
+
+
+def test_timm_set_grad_checkpointing_switches_memory_efficient():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = densenet_fused.convert(timm.create_model("densenet121", block_config=(2, 3), num_classes=4)).double()
+    assert isinstance(model, timm.models.DenseNet) and len(_fused_layers(model)) == 5
+    assert {layer.memory_efficient for layer in _fused_layers(model)} == {False}  # timm's default
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = model(x)
+    model.set_grad_checkpointing(True)
+    assert {layer.memory_efficient for layer in _fused_layers(model)} == {True}
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    model.set_grad_checkpointing(False)
+    assert {layer.memory_efficient for layer in _fused_layers(model)} == {False}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    restored.set_grad_checkpointing(True)
+    assert {layer.memory_efficient for layer in _fused_layers(restored)} == {True}

@@ -3,10 +3,12 @@
 import copy
 import io
 import re
+import warnings
 
 import pytest
 import torch
 import torchvision
+from torchvision.models import densenet as tv
 from twins import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
 
 import densenet_fused
@@ -217,3 +219,30 @@ def test_channels_last_input_matches_contiguous():
     torch.testing.assert_close(out_cl, out, rtol=1e-10, atol=1e-10)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def _warnings_and_weights(builder, monkeypatch, **kwargs):
+    """The warnings a builder emits and the weights it asks torchvision's loader for (no download)."""
+    loaded = []
+    monkeypatch.setattr(tv, "_load_state_dict", lambda model, weights, progress: loaded.append(weights))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        builder(**kwargs)
+    return [str(w.message) for w in caught], loaded
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_legacy_pretrained_keyword_behaves_as_torchvision(name, pretrained, monkeypatch):
+    ours = _warnings_and_weights(getattr(densenet_fused, name), monkeypatch, pretrained=pretrained)
+    theirs = _warnings_and_weights(getattr(torchvision.models, name), monkeypatch, pretrained=pretrained)
+    assert ours == theirs
+    assert ours[1] == ([getattr(tv, f"DenseNet{name[8:]}_Weights").IMAGENET1K_V1] if pretrained else [])
+    assert any("'pretrained' is deprecated" in message for message in ours[0])
+
+
+def test_densenet264_has_no_pretrained_weights(monkeypatch):
+    with pytest.raises(ValueError, match="No weights available for model densenet264"):
+        densenet_fused.densenet264(pretrained=True)
+    messages, loaded = _warnings_and_weights(densenet_fused.densenet264, monkeypatch, pretrained=False)
+    assert loaded == [] and any("'pretrained' is deprecated" in message for message in messages)

@@ -87,19 +87,22 @@ def test_channels_last_3d_matches_contiguous():
 def test_monai_configuration():
     config = dict(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4, block_config=(2, 2))
     torch.manual_seed(0)
-    model = densenet_fused.DenseNet.from_monai_config(**config, bn_size=2, dropout_prob=0.1)
+    model = densenet_fused.DenseNet.from_monai_config(**config, bn_size=2)
     torch.manual_seed(0)
-    expected = densenet_fused.DenseNet(4, (2, 2), 8, 2, 0.1, 2, spatial_dims=3, in_channels=1)
+    expected = densenet_fused.DenseNet(4, (2, 2), 8, 2, 0.0, 2, spatial_dims=3, in_channels=1)
     state, expected_state = model.state_dict(), expected.state_dict()
     assert list(state) == list(expected_state)
     assert all(torch.equal(state[key], expected_state[key]) for key in state)  # same init, bit for bit
     assert type(model.features.conv0) is nn.Conv3d and model.features.conv0.in_channels == 1
-    assert model.features.denseblock1.denselayer1.drop_rate == 0.1
+    one_d = densenet_fused.DenseNet.from_monai_config(**{**config, "spatial_dims": 1}, dropout_prob=0.1)
+    assert one_d.features.denseblock1.denselayer1.drop_rate == 0.1  # MONAI's 1-D dropout is nn.Dropout
     assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 2)
     densenet_fused.DenseNet.from_monai_config(**config, act=("RELU", {"inplace": False}), norm=("batch", {}))
     for bad in (dict(act="prelu"), dict(norm="instance"), dict(norm=("batch", {"eps": 1e-3}))):
         with pytest.raises(ValueError, match="need act='relu' and norm='batch'"):
             densenet_fused.DenseNet.from_monai_config(**config, **bad)
+    with pytest.raises(ValueError, match=r"drops whole channels \(Dropout3d\)"):  # fused blocks drop values
+        densenet_fused.DenseNet.from_monai_config(**config, dropout_prob=0.1)
 
 
 def test_spatial_dims_errors():

@@ -1,0 +1,39 @@
+"""Stand-ins for the few helpers the peer tests import from their projects' own test utilities."""
+
+import contextlib
+import random
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+# Weights come from the network, which CI does not have; these cases are the only ones the peer files skip.
+NEEDS_DOWNLOAD = pytest.mark.skip(reason="downloads pretrained weights from the network")
+
+
+def set_rng_seed(seed: int) -> None:
+    """Seed every RNG the tests draw from (torchvision's common_utils.set_rng_seed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def freeze_rng_state():
+    """Run a block and restore torch's CPU (and CUDA) RNG state after it."""
+    state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if CUDA else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+
+
+def cpu_and_gpu():
+    """The devices torchvision parametrizes over: cpu, and cuda where there is one."""
+    return ("cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")]))
+
+# What the TorchScript error must say (item 4 of issue 12): that TorchScript is unsupported, and what to use.
+TORCHSCRIPT_ERROR = r"not support TorchScript.*torch\.compile.*torch\.export"
