@@ -28,7 +28,7 @@ import torch
 import torchvision
 
 import densenet_fused
-from densenet_fused.ops import PRIMITIVES, _backend
+from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
 from densenet_fused.ops.layout import acc_dtype
 
