@@ -17,7 +17,7 @@ batch sweep; then writes JSON, CSV and PNG plots to --out. torch.compile is in t
     python benchmarks/memory.py --device cuda --size 224 --batch 64
 """
 
-import _common as C  # first: it sets the OpenMP and profiler environment before torch loads
+import _common as C  # first: it sets the profiler environment before torch loads
 
 import os
 from functools import partial

@@ -11,7 +11,7 @@ are timed with CUDA events, and each implementation's max_memory_allocated is re
     python benchmarks/speed.py --device cuda --amp --channels-last   # + 224x224, batch 64
 """
 
-import _common as C  # first: it sets the OpenMP and profiler environment before torch loads
+import _common as C  # first: it sets the profiler environment before torch loads
 
 from functools import partial
 
