@@ -356,8 +356,11 @@ def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params,
 def _dropout_masks(x: Tensor, growth: int, plans: list[_LayerPlan]) -> list[Tensor]:
     """The dropout masks of the layers that drop, as bool, drawn in layer order the way torchvision's F.dropout
     calls draw them (same shape, dtype and layout as each layer's new features)."""
+    drops = [plan.drop for plan in plans if plan.drop > 0]
+    if not drops:  # the common case: no tensor to allocate
+        return []
     ones = empty_like_layout(x, growth).fill_(1)
-    return [F.dropout(ones, plan.drop, True) != 0 for plan in plans if plan.drop > 0]
+    return [F.dropout(ones, drop, True) != 0 for drop in drops]
 
 
 def _check_input(inputs: list, expected_channels: int, weight: Tensor, what: str) -> torch.dtype:
