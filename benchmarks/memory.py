@@ -15,6 +15,7 @@ batch sweep; then writes JSON, CSV and PNG plots to --out. torch.compile is in t
     python benchmarks/memory.py            # default: DenseNet-121, batch 16, 64x64, < 10 min on 2 CPU cores
     python benchmarks/memory.py --quick    # a minute, for development
     python benchmarks/memory.py --device cuda --size 224 --batch 64
+    python benchmarks/memory.py --spatial-dims 3   # 3-D instance-norm DenseNet-121 vs MONAI's, on volumes
 """
 
 import _common as C  # first: it sets the profiler environment before torch loads
@@ -328,8 +329,88 @@ def csv_rows(arch, cfg, impls, main, depth, by_batch):
     return rows
 
 
+VOLUME_PRESETS = {
+    "quick": dict(batch=1, size=64, repeats=3, budget=256),
+    "default": dict(batch=2, size=64, repeats=5, budget=512),
+    "full": dict(batch=2, size=96, repeats=10, budget=2048),
+}  # 64^3 is the smallest size whose last block still sees more than one voxel, which instance norm needs
+VOLUME_IMPLS = {"monai": "MONAI DenseNet121", "fused_eff": C.IMPLS["fused_eff"], "fused_keep": C.IMPLS["fused_keep"]}
+
+
+def volume_models(setup, impls):
+    """MONAI's 3-D DenseNet121 with instance norm (its own 3-D test's choice) and ours from the same config,
+    holding MONAI's weights."""
+    from monai.networks.nets import DenseNet121
+
+    import densenet_fused
+
+    config = dict(spatial_dims=3, in_channels=1, out_channels=2, norm=("instance", {"eps": 1e-5}))
+    torch.manual_seed(0)
+    monai = setup.place(DenseNet121(**config)).train()
+    models = {"monai": monai}
+    for key in impls[1:]:
+        ours = densenet_fused.DenseNet.from_monai_config(**config, memory_efficient=key == "fused_eff")
+        densenet_fused.load_monai_state_dict(ours, monai.state_dict())
+        models[key] = setup.place(ours).train()
+    return models
+
+
+def volume_benchmark(args, setup):
+    """Activation memory, step time and max batch of one training step on [batch, 1, size^3] volumes."""
+    cfg = C.preset(args, VOLUME_PRESETS)
+    impls = list(VOLUME_IMPLS)
+    models = volume_models(setup, impls)
+
+    def batch(n):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(n, 1, cfg["size"], cfg["size"], cfg["size"], generator=gen)
+        if setup.channels_last:
+            x = x.to(memory_format=torch.channels_last_3d)
+        return x.to(setup.device, setup.dtype), torch.randint(0, 2, (n,), generator=gen).to(setup.device)
+
+    x, target = batch(cfg["batch"])
+    results = {key: {"activation": C.activation_bytes(models[key], x, target, setup.amp)} for key in impls}
+    steps = {key: partial(C.train_step, models[key], x, target, setup.amp) for key in impls}
+    timings = C.time_steps(steps, cfg["repeats"], warmup=1, device=setup.device)
+
+    def total(key, n):
+        xs, ts = batch(n)
+        return C.held_bytes(models[key], xs, ts) + C.activation_bytes(models[key], xs, ts, setup.amp)
+
+    budget = cfg["budget"] * C.MiB
+    for key in impls:
+        results[key]["step_s"] = timings[key]["median"]
+        results[key]["step_times_s"] = timings[key]["times"]
+        known = {cfg["batch"]: total(key, cfg["batch"])}
+        results[key]["max_batch"], _ = C.largest_fitting(partial(total, key), budget, known, start=1)
+    base = results["monai"]
+    rows = [[VOLUME_IMPLS[key], fmt_mib(r["activation"]), C.ratio(r["activation"], base["activation"]),
+             f"{r['step_s'] * 1e3:.0f}", C.ratio(r["step_s"], base["step_s"]), r["max_batch"]]
+            for key, r in results.items()]  # fmt: skip
+    print(
+        f"\n3-D DenseNet-121 (instance norm, 1 input channel), batch {cfg['batch']}, {cfg['size']}^3 volumes, "
+        f"{setup.describe()}: one training step (step time: median of {cfg['repeats']} interleaved steps)"
+    )
+    headers = ["implementation", "activation MiB", "vs MONAI", "step ms", "vs MONAI", f"max batch <= {cfg['budget']:g} MiB"]
+    print(C.table(headers, rows))
+    return cfg, results
+
+
 def main():
-    args = C.parser(__doc__.splitlines()[0], budget=True).parse_args()
+    parser = C.parser(__doc__.splitlines()[0], budget=True)
+    parser.add_argument(
+        "--spatial-dims", type=int, choices=[2, 3], default=2,
+        help="3: only the 3-D instance-norm DenseNet-121 against MONAI's (needs monai), on volumes",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.spatial_dims == 3:
+        run = C.start_run(args, "densenet_fused memory benchmark, 3-D volumes")
+        cfg, results = volume_benchmark(args, run.setup)
+        rows = [dict(impl=key, batch=cfg["batch"], size=cfg["size"], activation_mib=mib(r["activation"]),
+                     step_ms=r["step_s"] * 1e3, max_batch=r["max_batch"], budget_mib=cfg["budget"])
+                for key, r in results.items()]  # fmt: skip
+        run.finish("memory_3d", {"config": cfg, "volume": results}, rows)
+        return
     cfg = C.preset(args, PRESETS)
     run = C.start_run(args, "densenet_fused memory benchmark")
     setup, arch, impls = run.setup, run.arch, run.impls

@@ -12,12 +12,17 @@ torch.compile sees it as opaque: the buffer, its slices and the in-place gradien
 op's own business, and inductor cannot pick layouts for them that disagree with what the kernels write.
 Under ``create_graph=True`` the backward runs differentiable PyTorch formulas, so double backward works.
 
+The norms are BatchNorms (torchvision's) or InstanceNorms (``norm="instance"``, MONAI's choice for small
+batches of 3-D volumes), all of one kind in a block.  Instance norm's statistics are per sample and
+channel, and are computed once per channel too: they are exact for the same reason.
+
 Under torch.autocast the buffer, its gradient and the convolutions use the autocast dtype, while
 statistics and BatchNorm parameters stay float32.  Norms converted to SyncBatchNorm have their
 statistics and BatchNorm-backward sums reduced over their process group (see ``distributed``).
 """
 
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -30,6 +35,7 @@ from . import tracing
 from .ops import bn_relu, bn_relu_backward, bn_relu_conv1x1, bn_relu_conv1x1_backward, bn_relu_pool_conv1x1
 from .ops import bn_relu_pool_conv1x1_backward
 from .ops import channel_stats
+from .ops.channel_stats import instance_stats
 from .ops._autograd import as_batch_stats, grad_leaves
 from .ops.layout import acc_dtype, empty_like_layout
 from .ops.bn_relu import bn_relu_reference
@@ -58,6 +64,20 @@ def layer_types(spatial_dims: int) -> LayerTypes:
     if spatial_dims not in _LAYER_TYPES:
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     return _LAYER_TYPES[spatial_dims]
+
+
+_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def norm_factory(spatial_dims: int, norm: str | tuple = "batch"):
+    """``num_features -> norm module`` for a norm spec: "batch" (BatchNorm, torchvision's) or "instance"
+    (InstanceNorm, with torch's defaults as MONAI uses them), alone or as MONAI's ``(name, kwargs)``."""
+    classes = {"batch": layer_types(spatial_dims).norm, "instance": _INSTANCE_NORMS.get(spatial_dims)}
+    spec = (norm, {}) if isinstance(norm, str) else norm
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], dict)
+            and isinstance(spec[0], str) and spec[0].lower() in classes):  # fmt: skip
+        raise ValueError(f"the fused blocks implement norm='batch' and norm='instance', got norm={norm!r}")
+    return partial(classes[spec[0].lower()], **spec[1])
 
 
 @dataclass(frozen=True)
@@ -136,8 +156,11 @@ def _norm_inputs(eps: float, batch_mean: Tensor, batch_var: Tensor, running: Opt
     return running
 
 
-def _batch_stats(x: Tensor, sync) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x's batch, or with a ``sync`` hook of the group's batch."""
+def _batch_stats(x: Tensor, sync, instance: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x's batch, or with a ``sync`` hook of the group's batch;
+    per sample and channel ([N, C]) for instance norms."""
+    if instance:
+        return instance_stats(x)
     mean, var = channel_stats(x)
     return (mean, var) if sync is None else sync.stats(x, mean, var)
 
@@ -158,19 +181,20 @@ def _apply_dropout(new: Tensor, mask: Tensor, drop: float) -> Tensor:
     "densenet_fused::dense_block",
     mutates_args=(),
     schema=f"(Tensor[] inputs, Tensor[] params, Tensor[] running, Tensor[] masks, {_PLAN_SCHEMA}, str? group, "
-    "Tensor? count) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])",
+    "bool instance, Tensor? count) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])",
 )
-def dense_block(inputs, params, running, masks, *plan_args_group_count):
+def dense_block(inputs, params, running, masks, *plan_args_block):
     """Run the layers over one buffer holding ``inputs`` concatenated.
 
     ``params`` are the layers' ``_LayerParams`` flattened, ``running`` the (mean, invstd) of the norms that
     use running statistics, ``masks`` the dropout masks of the layers that drop, and the lists after them the
     layers' ``_LayerPlan`` field by field.  ``group`` names the process group the batch statistics are
-    reduced over (None: this process's batch) and ``count`` is the number of values per channel over it.
-    Returns (buffer, mean, var, mean2, var2, kept bottlenecks): the batch statistics of every buffer channel
-    and of each layer's bottleneck (zeros where unused).
+    reduced over (None: this process's batch), ``instance`` says the norms are instance norms and ``count``
+    is the number of values per channel over the group.  Returns (buffer, mean, var, mean2, var2, kept
+    bottlenecks): the batch statistics of every buffer channel ([C], or [N, C] for instance norms) and of each
+    layer's bottleneck ([L, width] or [L, N, width]), zeros where unused.
     """
-    *plan_args, group, count = plan_args_group_count
+    *plan_args, group, instance, count = plan_args_block
     plans, layers = _plans(plan_args), _unflatten(params)
     sync = distributed.BatchNormSync.named(group, count)
     growth, width, c0 = plans[0].growth, plans[0].width, sum(x.size(1) for x in inputs)
@@ -179,40 +203,44 @@ def dense_block(inputs, params, running, masks, *plan_args_group_count):
     for x in inputs:
         buf[:, start : start + x.size(1)].copy_(x)
         start += x.size(1)
-    acc = acc_dtype(buf.dtype)
-    mean = buf.new_zeros(buf.size(1), dtype=acc)
-    var = torch.zeros_like(mean)
+    mean, mean2 = _stats_like(buf, len(plans), width, instance, torch.zeros)
+    var, var2 = torch.zeros_like(mean), torch.zeros_like(mean2)
     any_batch = any(plan.training1 for plan in plans)
     if any_batch:
-        mean[:c0], var[:c0] = _batch_stats(buf[:, :c0], sync)
-    mean2 = buf.new_zeros((len(plans), width), dtype=acc)
-    var2 = torch.zeros_like(mean2)
+        mean[..., :c0], var[..., :c0] = _batch_stats(buf[:, :c0], sync, instance)
     masks, bottlenecks = iter(masks), []
     for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
         c = c0 + l * growth
-        m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+        m1, is1 = _norm_inputs(plan.eps1, mean[..., :c], var[..., :c], running1)
         bottleneck = bn_relu_conv1x1(buf[:, :c], m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1), plan.training1)
         if plan.training2:
-            mean2[l], var2[l] = _batch_stats(bottleneck, sync)
+            mean2[l], var2[l] = _batch_stats(bottleneck, sync, instance)
         m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
         new = _conv3x3(bn_relu(bottleneck, m2, is2, p.gamma2, p.beta2, plan.training2), p.conv2)
         if plan.drop > 0:
             new = _apply_dropout(new, next(masks), plan.drop)
         buf[:, c : c + growth].copy_(new)
         if any_batch:
-            mean[c : c + growth], var[c : c + growth] = _batch_stats(buf[:, c : c + growth], sync)
+            mean[..., c : c + growth], var[..., c : c + growth] = _batch_stats(buf[:, c : c + growth], sync, instance)
         if plan.keep_bottleneck:
             bottlenecks.append(bottleneck)
     return buf, mean, var, mean2, var2, bottlenecks
 
 
+def _stats_like(buf: Tensor, layers: int, width: int, instance: bool, factory) -> tuple[Tensor, Tensor]:
+    """New tensors (``factory``: torch.zeros or torch.empty) for the statistics of buf's channels and of each
+    layer's bottleneck: [C] and [L, width], or per sample [N, C] and [L, N, width] for instance norms."""
+    n = [buf.size(0)] if instance else []
+    acc = acc_dtype(buf.dtype)
+    return factory((*n, buf.size(1)), dtype=acc, device=buf.device), factory((layers, *n, width), dtype=acc, device=buf.device)
+
+
 @dense_block.register_fake
-def _dense_block_fake(inputs, params, running, masks, *plan_args_group_count):
-    plans = _plans(plan_args_group_count[:-2])
+def _dense_block_fake(inputs, params, running, masks, *plan_args_block):
+    plans, instance = _plans(plan_args_block[:-3]), plan_args_block[-2]
     width = plans[0].width
     buf = empty_like_layout(inputs[0], sum(x.size(1) for x in inputs) + sum(plan.growth for plan in plans))
-    acc = acc_dtype(buf.dtype)
-    mean, mean2 = buf.new_empty(buf.size(1), dtype=acc), buf.new_empty((len(plans), width), dtype=acc)
+    mean, mean2 = _stats_like(buf, len(plans), width, instance, torch.empty)
     bottlenecks = [empty_like_layout(buf, width) for plan in plans if plan.keep_bottleneck]
     return buf, mean, torch.empty_like(mean), mean2, torch.empty_like(mean2), bottlenecks
 
@@ -221,15 +249,15 @@ def _dense_block_fake(inputs, params, running, masks, *plan_args_group_count):
     "densenet_fused::dense_block_backward",
     mutates_args=(),
     schema="(Tensor grad_buf, Tensor buf, Tensor mean, Tensor var, Tensor mean2, Tensor var2, Tensor[] params, "
-    f"Tensor[] running, Tensor[] masks, Tensor[] bottlenecks, {_PLAN_SCHEMA}, str? group, Tensor? count) "
-    "-> (Tensor, Tensor[])",
+    f"Tensor[] running, Tensor[] masks, Tensor[] bottlenecks, {_PLAN_SCHEMA}, str? group, bool instance, "
+    "Tensor? count) -> (Tensor, Tensor[])",
 )
-def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *plan_args_group_count):
+def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *plan_args_block):
     """``dense_block``'s backward: (the gradient of the whole buffer, that of ``params``).
 
     Only the buffer's input channels of the first tensor are meaningful to the caller.
     """
-    *plan_args, group, count = plan_args_group_count
+    *plan_args, group, _, count = plan_args_block
     plans, layers = _plans(plan_args), _unflatten(params)
     running = _running_stats(plans, running)
     sync = distributed.BatchNormSync.named(group, count)
@@ -241,7 +269,7 @@ def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running,
     grads = []
     for l in reversed(range(len(plans))):
         plan, p, (running1, running2), c = plans[l], layers[l], running[l], c0 + l * growth
-        m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+        m1, is1 = _norm_inputs(plan.eps1, mean[..., :c], var[..., :c], running1)
         m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
         x, w1 = buf[:, :c], p.conv1.flatten(1)
         if plan.keep_bottleneck:
@@ -282,13 +310,13 @@ class _DenseBlockFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, num_inputs, sizes, plan_args, group, count, *tensors):
+    def forward(ctx, num_inputs, sizes, plan_args, group, instance, count, *tensors):
         inputs, rest = tensors[:num_inputs], tensors[num_inputs:]
         params, running, masks = _split(rest, sizes)
         buf, mean, var, mean2, var2, bottlenecks = dense_block(
-            inputs, params, running, masks, *plan_args, group, count
+            inputs, params, running, masks, *plan_args, group, instance, count
         )
-        ctx.plan_args, ctx.group, ctx.sizes = plan_args, group, sizes
+        ctx.plan_args, ctx.group, ctx.instance, ctx.sizes = plan_args, group, instance, sizes
         ctx.input_channels = [x.size(1) for x in inputs]
         ctx.save_for_backward(buf, mean, var, mean2, var2, count, *rest, *bottlenecks)
         ctx.mark_non_differentiable(mean, var, mean2, var2)
@@ -305,13 +333,13 @@ class _DenseBlockFunction(torch.autograd.Function):
         else:
             grad_buffer, grad_params = dense_block_backward(
                 grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *ctx.plan_args,
-                ctx.group, count,
+                ctx.group, ctx.instance, count,
             )  # fmt: skip
         grad_inputs, start = [], 0
         for channels in ctx.input_channels:
             grad_inputs.append(grad_buffer[:, start : start + channels])
             start += channels
-        return None, None, None, None, None, *grad_inputs, *grad_params, *[None] * (len(running) + len(masks))
+        return None, None, None, None, None, None, *grad_inputs, *grad_params, *[None] * (len(running) + len(masks))
 
 
 def _split(tensors, sizes) -> list[list]:
@@ -338,7 +366,7 @@ def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params,
         x, layers = leaves[0], _unflatten(leaves[1:])
         for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
             c = x.size(1)
-            m1, is1 = _norm_inputs(plan.eps1, mean[:c], var[:c], running1)
+            m1, is1 = _norm_inputs(plan.eps1, mean[..., :c], var[..., :c], running1)
             if running1 is None:
                 m1, is1 = as_batch_stats(x, m1, is1)
             bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1))
@@ -403,16 +431,24 @@ def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-def _batch_group(norms: list, size: torch.Size, x: Tensor, what: str):
+def _instance(norms: list, what: str) -> bool:
+    """Whether ``norms`` (one block's or transition's) are instance norms; raise if they mix kinds."""
+    kinds = {bn.is_instance(norm) for norm in norms}
+    if len(kinds) > 1:
+        raise ValueError(f"{what} computes its statistics once per channel for all its norms, which must be all BatchNorms or all InstanceNorms")
+    return kinds == {True}
+
+
+def _batch_group(norms: list, size: torch.Size, x: Tensor, instance: bool, what: str):
     """(sync hook or None, values per channel) of the batch statistics of ``norms`` on x (batch size ``size``).
 
-    Local statistics reject a single value per channel as F.batch_norm does; synchronized ones do not, as
-    SyncBatchNorm with more than one process does not.
+    Local statistics reject a single value per channel as F.batch_norm (F.instance_norm) does; synchronized
+    ones do not, as SyncBatchNorm with more than one process does not.  Instance norms count per sample.
     """
     group = distributed.common_group(norms, what)
-    local_count = x.numel() // x.size(1)
+    local_count = x[0, 0].numel() if instance else x.numel() // x.size(1)
     if group is None:
-        bn.check_batch_size(size)
+        bn.check_batch_size(size, instance)
         return None, local_count
     count = distributed.global_count(local_count, x.device, group)
     return distributed.BatchNormSync(group, count), count
@@ -426,6 +462,7 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     inputs = [x.to(dtype) for x in inputs]
     x = inputs[0]
     acc = acc_dtype(dtype)
+    instance = _instance([norm for layer in layers for norm in (layer.norm1, layer.norm2)], what)
     plans, params, running, batch_norms = [], [], [], []
     for layer in layers:
         plan = _LayerPlan(
@@ -450,17 +487,17 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
-        sync, count = _batch_group(batch_norms, size, x, what)
+        sync, count = _batch_group(batch_norms, size, x, instance, what)
     masks = _dropout_masks(x, first.conv2.out_channels, plans)
     params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
     group, group_count = (None, None) if sync is None else (sync.name, sync.count)
     buf, mean, var, mean2, var2 = _DenseBlockFunction.apply(
-        len(inputs), sizes, _plan_args(plans), group, group_count, *inputs, *params, *running, *masks
+        len(inputs), sizes, _plan_args(plans), group, instance, group_count, *inputs, *params, *running, *masks
     )
     for l, layer in enumerate(layers):
         channels = layer.norm1.num_features
         if plans[l].training1:
-            bn.update_running_stats(layer.norm1, mean[:channels], var[:channels], count)
+            bn.update_running_stats(layer.norm1, mean[..., :channels], var[..., :channels], count)
         if plans[l].training2:
             bn.update_running_stats(layer.norm2, mean2[l], var2[l], count)
     return buf
@@ -477,14 +514,16 @@ class _DenseLayer(nn.Module):
         drop_rate: float,
         memory_efficient: bool = True,
         spatial_dims: int = 2,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        self.norm1 = types.norm(num_input_features)
+        norm_layer = norm_factory(spatial_dims, norm)
+        self.norm1 = norm_layer(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = types.conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
 
-        self.norm2 = types.norm(bn_size * growth_rate)
+        self.norm2 = norm_layer(bn_size * growth_rate)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = types.conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
@@ -515,6 +554,7 @@ class _DenseBlock(nn.ModuleDict):
         drop_rate: float,
         memory_efficient: bool = True,
         spatial_dims: int = 2,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         for i in range(num_layers):
@@ -525,6 +565,7 @@ class _DenseBlock(nn.ModuleDict):
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
                 spatial_dims=spatial_dims,
+                norm=norm,
             )
             self.add_module("denselayer%d" % (i + 1), layer)
 
@@ -544,10 +585,12 @@ class _DenseBlock(nn.ModuleDict):
 class _Transition(nn.Sequential):
     """BN -> ReLU -> 1x1 conv -> 2x2 average pool, run as one fused primitive (pool before conv)."""
 
-    def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2) -> None:
+    def __init__(
+        self, num_input_features: int, num_output_features: int, spatial_dims: int = 2, norm: str | tuple = "batch"
+    ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        self.norm = types.norm(num_input_features)
+        self.norm = norm_factory(spatial_dims, norm)(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = types.conv(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = types.avg_pool(kernel_size=2, stride=2)
@@ -566,9 +609,10 @@ class _Transition(nn.Sequential):
         weight = self.conv.weight.to(dtype).flatten(1)
         if not bn.uses_batch_stats(self.norm):
             return bn_relu_pool_conv1x1(input, *bn.running_stats(self.norm, acc), gamma, beta, weight, False)
-        sync, count = _batch_group([self.norm], input.shape, input, "Transition")
+        instance = bn.is_instance(self.norm)
+        sync, count = _batch_group([self.norm], input.shape, input, instance, "Transition")
         with torch.no_grad():
-            mean, var = _batch_stats(input, sync)
+            mean, var = _batch_stats(input, sync, instance)
         bn.update_running_stats(self.norm, mean, var, count)
         invstd = torch.rsqrt(var + self.norm.eps)
         if sync is None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import densenet as tv
 
+from . import norm as bn
 from . import tracing
 from .block import _DenseBlock, _DenseLayer, _Transition, layer_types
 from .models import DenseNet
@@ -216,9 +217,10 @@ def _check_relu(act: nn.Module | None, path: str) -> None:
 
 
 def _check_norm(norm: nn.Module, path: str) -> None:
-    """Raise unless ``norm`` is a BatchNorm (timm's BatchNormAct2d only with ReLU and no dropout)."""
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        raise ValueError(f"{path} is a {type(norm).__name__}; the fused kernels implement BatchNorm only")
+    """Raise unless ``norm`` is a BatchNorm or an InstanceNorm (timm's BatchNormAct2d only with ReLU and no
+    dropout)."""
+    if not isinstance(norm, bn.NORMS):
+        raise ValueError(f"{path} is a {type(norm).__name__}; the fused kernels implement BatchNorm and InstanceNorm only")
     act, drop = norm._modules.get("act"), norm._modules.get("drop")
     if (act is not None and type(act) is not nn.ReLU) or (drop is not None and type(drop) is not nn.Identity):
         raise ValueError(f"{path} applies {act} and {drop}; fused blocks need ReLU and no dropout after the norm")

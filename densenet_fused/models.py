@@ -13,7 +13,7 @@ from torchvision.models._utils import handle_legacy_interface
 from . import distributed
 from . import norm as bn
 from . import tracing
-from .block import _DenseBlock, _Transition, layer_types
+from .block import _DenseBlock, _Transition, layer_types, norm_factory
 
 _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
@@ -37,6 +37,8 @@ class DenseNet(nn.Module):
         spatial_dims (int, keyword-only) - 1, 2 (default) or 3: Conv1d/2d/3d, BatchNorm1d/2d/3d and pooling
           of that rank, for inputs [N, C, L], [N, C, H, W] or [N, C, D, H, W]
         in_channels (int, keyword-only) - channels of the input (3 by default, as in torchvision)
+        norm (str or tuple, keyword-only) - "batch" (default: BatchNorm, as in torchvision) or "instance"
+          (InstanceNorm, MONAI's choice for small batches of 3-D volumes), or MONAI's ``(name, kwargs)``
     """
 
     def __init__(
@@ -51,9 +53,11 @@ class DenseNet(nn.Module):
         *,
         spatial_dims: int = 2,
         in_channels: int = 3,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
+        norm_layer = norm_factory(spatial_dims, norm)
         self.spatial_dims = spatial_dims
 
         # First convolution
@@ -62,7 +66,7 @@ class DenseNet(nn.Module):
             OrderedDict(
                 [
                     ("conv0", conv0),
-                    ("norm0", types.norm(num_init_features)),
+                    ("norm0", norm_layer(num_init_features)),
                     ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", types.max_pool(kernel_size=3, stride=2, padding=1)),
                 ]
@@ -80,16 +84,17 @@ class DenseNet(nn.Module):
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
                 spatial_dims=spatial_dims,
+                norm=norm,
             )
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
-                trans = _Transition(num_features, num_features // 2, spatial_dims=spatial_dims)
+                trans = _Transition(num_features, num_features // 2, spatial_dims=spatial_dims, norm=norm)
                 self.features.add_module("transition%d" % (i + 1), trans)
                 num_features = num_features // 2
 
         # Final batch norm
-        self.features.add_module("norm5", types.norm(num_features))
+        self.features.add_module("norm5", norm_layer(num_features))
 
         # Linear layer
         self.classifier = nn.Linear(num_features, num_classes)
@@ -122,14 +127,12 @@ class DenseNet(nn.Module):
         """The network ``monai.networks.nets.DenseNet`` builds from these arguments (MONAI's names and defaults).
 
         Same layers, initialization and numerics; module names and state_dict keys are torchvision's
-        (``load_monai_state_dict`` and ``monai_state_dict`` translate MONAI's).  Only MONAI's default
-        activation (ReLU) and norm (plain batch norm) exist in the fused blocks, and dropout only in 1-D: in
-        2-D and 3-D MONAI drops whole channels, the fused blocks single values (as torchvision's).
+        (``load_monai_state_dict`` and ``monai_state_dict`` translate MONAI's).  The fused blocks apply ReLU
+        only (MONAI's default), with MONAI's "batch" or "instance" norm and its arguments, and dropout only
+        in 1-D: in 2-D and 3-D MONAI drops whole channels, the fused blocks single values (as torchvision's).
         """
-        act_name, _ = _monai_layer_spec(act)
-        norm_name, norm_args = _monai_layer_spec(norm)
-        if act_name != "relu" or norm_name != "batch" or norm_args:
-            raise ValueError(f"fused dense blocks need act='relu' and norm='batch', got act={act!r}, norm={norm!r}")
+        if _monai_layer_spec(act)[0] != "relu":
+            raise ValueError(f"fused dense blocks apply ReLU only, got act={act!r}")
         if dropout_prob > 0 and spatial_dims != 1:
             raise ValueError(
                 f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
@@ -145,6 +148,7 @@ class DenseNet(nn.Module):
             memory_efficient=memory_efficient,
             spatial_dims=spatial_dims,
             in_channels=in_channels,
+            norm=_monai_layer_spec(norm),
         )
 
     __prepare_scriptable__ = tracing.refuse_torchscript
@@ -179,9 +183,9 @@ class DenseNet(nn.Module):
                 size = [(s - 1) // 2 + 1 for s in size]  # 3, stride 2, padding 1
                 continue
             for norm in module.modules():
-                batch_norm = isinstance(norm, nn.modules.batchnorm._BatchNorm) and bn.uses_batch_stats(norm)
-                if batch_norm and distributed.sync_group(norm) is None:
-                    bn.check_batch_size(torch.Size([x.size(0), norm.num_features, *size]))
+                batch_stats = isinstance(norm, bn.NORMS) and bn.uses_batch_stats(norm)
+                if batch_stats and distributed.sync_group(norm) is None:
+                    bn.check_batch_size(torch.Size([x.size(0), norm.num_features, *size]), bn.is_instance(norm))
             if isinstance(module, _Transition):
                 if min(size) < 2:
                     sees = "x".join(map(str, size))

@@ -1,7 +1,9 @@
-"""torch.nn.BatchNorm semantics for norms whose statistics this package computes itself.
+"""torch.nn.BatchNorm and InstanceNorm semantics for norms whose statistics this package computes itself.
 
-Each function mirrors one step of ``_BatchNorm.forward`` / ``F.batch_norm`` so that running stats,
-``momentum=None``, ``track_running_stats`` and train/eval behave exactly as in torchvision.
+Each function mirrors one step of ``_BatchNorm.forward`` / ``F.batch_norm`` (or ``_InstanceNorm.forward`` /
+``F.instance_norm``) so that running stats, ``momentum=None``, ``track_running_stats`` and train/eval
+behave exactly as in torchvision (or MONAI, whose instance norm is torch's).  Instance norm statistics
+are per sample and channel, [N, C]; batch norm's per channel, [C].
 """
 
 import math
@@ -10,14 +12,25 @@ import torch
 from torch import nn
 
 
-def uses_batch_stats(norm: nn.modules.batchnorm._BatchNorm) -> bool:
-    """Whether F.batch_norm would normalize with batch statistics (its ``bn_training``)."""
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def is_instance(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalizes each sample with its own statistics (an InstanceNorm)."""
+    return isinstance(norm, nn.modules.instancenorm._InstanceNorm)
+
+
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """Whether the norm normalizes with the statistics of its input (F.batch_norm's ``bn_training``,
+    F.instance_norm's ``use_input_stats``): in training, or when it keeps no running statistics."""
     return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
-def check_batch_size(size: torch.Size) -> None:
-    """The error F.batch_norm raises when a channel would see a single value in training."""
-    if size[0] * math.prod(size[2:]) == 1:
+def check_batch_size(size: torch.Size, instance: bool = False) -> None:
+    """The error F.batch_norm (F.instance_norm) raises when a channel would see a single value."""
+    if instance and math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+    if not instance and size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
@@ -25,12 +38,16 @@ def check_batch_size(size: torch.Size) -> None:
 def update_running_stats(norm, mean: torch.Tensor, var: torch.Tensor, count) -> None:
     """Fold one batch's mean and biased variance into the running stats, as _BatchNorm.forward does.
 
-    ``count`` is the number of values per channel (an int, or a tensor when it was all-reduced).
+    ``count`` is the number of values per channel (an int, or a tensor when it was all-reduced); for an
+    InstanceNorm, per sample: torch.instance_norm averages the samples' updates, counts no batches, and
+    reads ``momentum=None`` as 0.
     """
     if not (norm.training and norm.track_running_stats):
         return
     factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.num_batches_tracked is not None:
+    if is_instance(norm):
+        mean, var = mean.mean(0), var.mean(0)
+    elif norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:  # a tensor, not float(): no host sync and no torch.compile graph break
             factor = 1.0 / norm.num_batches_tracked.to(torch.float64)

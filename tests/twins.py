@@ -32,9 +32,10 @@ def _replace_norms(model, norm_kwargs):
 
 
 def randomize_affine(model):
-    """Non-trivial BatchNorm weights and biases (uniform around 1 and 0), so their gradients are checked too."""
+    """Non-trivial BatchNorm (and InstanceNorm) weights and biases (uniform around 1 and 0), so their gradients
+    are checked too."""
     for norm in model.modules():
-        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.affine:
+        if isinstance(norm, densenet_fused.norm.NORMS) and norm.affine:
             torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
             torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
     return model

@@ -58,9 +58,10 @@ def as_batch_stats(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) ->
     """``mean`` and ``invstd`` (x's batch statistics, already computed) as differentiable functions of x.
 
     Their values stay the given ones; their derivatives of every order are those of x's mean and of
-    rsqrt(var + eps), since var + eps = 1 / invstd^2 whatever eps was.
+    rsqrt(var + eps), since var + eps = 1 / invstd^2 whatever eps was.  Per-sample statistics [N, C]
+    (instance norm) are those of each sample's spatial dims.
     """
-    dims = [0, *range(2, x.dim())]
+    dims = [*([0] if mean.dim() == 1 else []), *range(2, x.dim())]
     batch_var, batch_mean = torch.var_mean(x.to(mean.dtype), dim=dims, correction=0)
     mean = mean.detach() + (batch_mean - batch_mean.detach())
     return mean, torch.rsqrt(invstd.detach().pow(-2) + (batch_var - batch_var.detach()))

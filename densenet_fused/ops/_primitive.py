@@ -12,6 +12,10 @@ how it differentiates (``_autograd.Autograd``).  From those it builds:
   for every other device, each of them overridden by a forced ``DENSENET_FUSED_BACKEND``;
 * the fake and the autograd registration.
 
+Ops that normalize take per-channel statistics [C], or per-sample ones [N, C] (instance norm).  The
+reference computes both; the kernels are written for per-channel statistics and run per-sample ones once
+per sample (``_per_sample``), which is exact: one sample with its own statistics is a batch of one.
+
 ``PRIMITIVES`` lists every primitive with its ops, in import order, for the tests and for tools.
 """
 
@@ -22,6 +26,7 @@ import torch
 
 from ._autograd import Autograd
 from ._backend import CPP_AVAILABLE, DEVICE_BACKENDS, TRITON_AVAILABLE, forced_backend
+from .layout import empty_like_layout
 
 
 @dataclass
@@ -33,6 +38,8 @@ class Primitive:
 
 
 PRIMITIVES: dict[str, Primitive] = {}
+_SAMPLED = ("x", "grad_y", "grad_z", "grad_buffer")  # [N, ...] tensors: sample n is [n:n+1]
+_STATS = ("mean", "invstd")  # per-sample statistics [N, C]: sample n's are row n
 
 
 class Op:
@@ -51,8 +58,8 @@ class Op:
 
         # The op takes the reference's arguments (all the kernels see), then those only autograd reads.
         signature = inspect.signature(reference)
-        self._arity = len(signature.parameters)
-        self._x = list(signature.parameters).index("x")
+        self._names = list(signature.parameters)
+        self._arity, self._x = len(self._names), self._names.index("x")
         extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in autograd.args]
         default = self._route("reference")
         default.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
@@ -70,6 +77,32 @@ class Op:
 
         def run(*args):
             chosen = forced_backend(args[self._x], self.kernels) or backend
-            return self.kernels[chosen](*args[: self._arity])
+            args = args[: self._arity]
+            if chosen != "reference" and self._per_sample_stats(args):
+                return self._per_sample(self.kernels[chosen], args)
+            return self.kernels[chosen](*args)
 
         return run
+
+    def _per_sample_stats(self, args) -> bool:
+        return "mean" in self._names and args[self._names.index("mean")].dim() == 2
+
+    def _per_sample(self, kernel, args):
+        """``kernel`` run once per sample n, on x[n:n+1] (and the other [N, ...] tensors' sample n) with row n
+        of the statistics; outputs with a batch dimension are gathered, parameter gradients summed."""
+        x = args[self._x]
+        results = []
+        for n in range(x.size(0)):
+            sample = [a[n] if name in _STATS else a[n : n + 1] if name in _SAMPLED else a for name, a in zip(self._names, args)]
+            result = kernel(*sample)
+            results.append(result if isinstance(result, tuple) else (result,))
+        outputs = []
+        for parts in zip(*results):
+            if parts[0].dim() == x.dim():  # an activation [1, C, *spatial] per sample
+                out = empty_like_layout(x, parts[0].size(1), parts[0].dtype, parts[0].shape[2:])
+                for n, part in enumerate(parts):
+                    out[n : n + 1].copy_(part)
+            else:
+                out = torch.stack(parts).sum(0)
+            outputs.append(out)
+        return tuple(outputs) if isinstance(result, tuple) else outputs[0]

@@ -20,13 +20,19 @@ def normalize(x, mean, invstd):
 
 
 def batch_norm_backward(grad_y, x_hat, invstd, gamma, training):
-    """Gradients of y = gamma * x_hat + beta for x, gamma and beta (x_hat from batch stats if training)."""
-    dims = [0, *range(2, grad_y.dim())]
-    grad_beta = grad_y.sum(dims)
-    grad_gamma = (grad_y * x_hat).sum(dims)
+    """Gradients of y = gamma * x_hat + beta for x, gamma and beta (x_hat from batch stats if training).
+
+    Statistics are per channel [C], or per sample and channel [N, C] (instance norm): then the training
+    formula's means run over each sample's spatial dims only.
+    """
+    spatial = list(range(2, grad_y.dim()))
+    sample_beta, sample_gamma = grad_y.sum(spatial), (grad_y * x_hat).sum(spatial)  # [N, C]
+    grad_beta, grad_gamma = sample_beta.sum(0), sample_gamma.sum(0)
     if training:
-        count = grad_y.numel() // grad_y.size(1)
-        grad_y = grad_y - broadcast(grad_beta / count, x_hat) - x_hat * broadcast(grad_gamma / count, x_hat)
+        count = grad_y[0, 0].numel()
+        if invstd.dim() == 1:
+            sample_beta, sample_gamma, count = grad_beta, grad_gamma, count * grad_y.size(0)
+        grad_y = grad_y - broadcast(sample_beta / count, x_hat) - x_hat * broadcast(sample_gamma / count, x_hat)
     return grad_y * broadcast(gamma * invstd, x_hat), grad_gamma, grad_beta
 
 

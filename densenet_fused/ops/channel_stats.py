@@ -1,7 +1,8 @@
 """Per-channel batch statistics: mean and biased variance over the batch and spatial dims.
 
 A dense block computes them once per channel, when the channel is written, and every later layer's
-norm1 reuses them: a channel's data never changes after it is written.
+norm1 reuses them: a channel's data never changes after it is written.  The same holds for instance
+norm's per-sample statistics (``instance_stats``).
 """
 
 import torch
@@ -19,6 +20,13 @@ def channel_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     var, mean = torch.var_mean(x.to(torch.float64), dim=dims, correction=0)
     dtype = acc_dtype(x.dtype)
     return mean.to(dtype), var.to(dtype)
+
+
+def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance [N, C] per sample and channel of x [N, C, *spatial]: instance norm's, in the
+    accumulation dtype.  One torch reduction over the spatial dims, on every device (no kernel of ours)."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=list(range(2, x.dim())), correction=0)
+    return mean, var
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a per-channel vector so it broadcasts against ``x`` of shape [N, C, *spatial]."""
-    return v.view(1, -1, *([1] * (x.dim() - 2)))
+    """View per-channel values [C], or per-sample ones [N, C] (instance norm), so they broadcast against
+    ``x`` of shape [N, C, *spatial]."""
+    return v.view(*(v.shape if v.dim() == 2 else (1, -1)), *([1] * (x.dim() - 2)))
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
