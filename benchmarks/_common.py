@@ -62,13 +62,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class Arch:
-    """A DenseNet-BC shape: ImageNet ones by name, or CIFAR-style k=12 ones by depth (``bc<depth>``)."""
+    """A DenseNet-BC shape: ImageNet ones by name, or the CIFAR k=12 ones by depth (``bc<depth>``)."""
 
     name: str
     growth_rate: int
     block_config: tuple
     num_init_features: int
     num_classes: int
+    depth: int | None = None  # CIFAR nets only: densenet_bc(depth), with its 3x3 stem
 
     @property
     def kwargs(self) -> dict:
@@ -81,17 +82,17 @@ class Arch:
 
 
 def arch(name: str) -> Arch:
-    """``densenet121`` etc., or ``bc<depth>``: DenseNet-BC k=12, three blocks of (depth-4)//6 layers.
-
-    The CIFAR-style nets keep torchvision's ImageNet stem (7x7/2 conv + 3x3/2 max pool), so a 32x32
-    input reaches the first block at 8x8 rather than 32x32; both grow the same way with depth.
-    """
+    """``densenet121`` etc., or ``bc<depth>``: ``densenet_bc(depth)``, the CIFAR DenseNet-BC k=12 of Huang et
+    al. and Pleiss et al.: a 3x3 conv stem, then three blocks of (depth-4)/6 layers at 32x32, 16x16, 8x8."""
     if name in ARCHS:
         growth, blocks, init = ARCHS[name]
         return Arch(name, growth, blocks, init, 1000)
     if name.startswith("bc") and name[2:].isdigit():
-        n = (int(name[2:]) - 4) // 6
-        return Arch(name, 12, (n, n, n), 24, 10)
+        depth = int(name[2:])
+        n = (depth - 4) // 6
+        if n < 1 or bc_depth(n) != depth:
+            raise ValueError(f"bc<depth> needs a depth 6n + 4 (40, 100, 190, ...), got {name!r}")
+        return Arch(name, 12, (n, n, n), 24, 10, depth)
     raise ValueError(f"unknown model {name!r}: one of {sorted(ARCHS)} or bc<depth> (e.g. bc100)")
 
 
@@ -134,7 +135,7 @@ class Setup:
 def build_models(a: Arch, impls, setup: Setup, seed: int = 0) -> dict:
     """One model per implementation, all with the weights torchvision's init gives for ``seed``."""
     torch.manual_seed(seed)
-    naive = setup.place(torchvision.models.DenseNet(**a.kwargs, memory_efficient=False))
+    naive = setup.place(torchvision_model(a, memory_efficient=False))
     state = naive.state_dict()
     models = {}
     for key in impls:
@@ -143,11 +144,28 @@ def build_models(a: Arch, impls, setup: Setup, seed: int = 0) -> dict:
         elif key == "tv_compile":
             model = torch.compile(copy.deepcopy(naive))
         else:
-            cls = torchvision.models.DenseNet if key == "tv_ckpt" else densenet_fused.DenseNet
-            model = setup.place(cls(**a.kwargs, memory_efficient=key in ("tv_ckpt", "fused_eff")))
+            build = torchvision_model if key == "tv_ckpt" else fused_model
+            model = setup.place(build(a, memory_efficient=key in ("tv_ckpt", "fused_eff")))
             model.load_state_dict(state)
         models[key] = model.train()
     return models
+
+
+def torchvision_model(a: Arch, memory_efficient: bool) -> nn.Module:
+    """torchvision's DenseNet; for a CIFAR net, with densenet_bc's stem (conv0 3x3 alone, torchvision's init)."""
+    model = torchvision.models.DenseNet(**a.kwargs, memory_efficient=memory_efficient)
+    if a.depth is not None:
+        model.features.conv0 = nn.Conv2d(3, a.num_init_features, kernel_size=3, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.features.conv0.weight)
+        del model.features.norm0, model.features.relu0, model.features.pool0
+    return model
+
+
+def fused_model(a: Arch, memory_efficient: bool) -> nn.Module:
+    """densenet_fused's DenseNet for ``a``: ``densenet_bc`` for a CIFAR net."""
+    if a.depth is not None:
+        return densenet_fused.densenet_bc(a.depth, a.growth_rate, memory_efficient=memory_efficient)
+    return densenet_fused.DenseNet(**a.kwargs, memory_efficient=memory_efficient)
 
 
 def make_batch(a: Arch, batch: int, size: int, setup: Setup, seed: int = 1):

@@ -52,6 +52,10 @@ PRESETS = {
     ),
 }
 DEPTH_SIZE = 32  # CIFAR resolution for the depth sweep
+# Published for DenseNet-BC-100 (k=12, CIFAR-10) in efficient_densenet_pytorch's README: "each is a DenseNet-BC
+# with 100 layers, batch size 64, tested on a NVIDIA Pascal Titan-X", GPU memory in GB (all of it, not only
+# activations), naive vs memory-efficient.
+PUBLISHED = {"depth": 100, "batch": 64, "naive_gb": 2.863, "efficient_gb": 1.605}
 ACCEPTANCE = {"fused_eff": 0.30, "fused_keep": 0.50}  # target activation ratios vs torchvision naive
 
 
@@ -289,7 +293,7 @@ def report_depth(cfg, depth, largest, impls):
         d = largest.get(key)
         fits.append("-" if d is None else f"{'>= ' if d['capped'] else ''}{d['depth']}")
     sweep_table(
-        f"DenseNet-BC k=12 (torchvision's ImageNet stem), batch {cfg['depth_batch']}, {DEPTH_SIZE}x{DEPTH_SIZE}: "
+        f"DenseNet-BC k=12 (densenet_bc, CIFAR stem), batch {cfg['depth_batch']}, {DEPTH_SIZE}x{DEPTH_SIZE}: "
         "activation MiB (vs naive) by depth",
         "depth",
         list(cfg["depths"]),
@@ -301,6 +305,16 @@ def report_depth(cfg, depth, largest, impls):
         f"  max: the largest depth whose step fits in {cfg['budget']:g} MiB "
         f"(params + grads + batch + activations), searched up to {cfg['max_depth']}"
     )
+    p, d = PUBLISHED, PUBLISHED["depth"]
+    print(
+        f"  published, DenseNet-BC-{d} k=12, batch {p['batch']}, Titan-X GPU memory "
+        "(efficient_densenet_pytorch README): "
+        f"efficient {p['efficient_gb']} GB / naive {p['naive_gb']} GB = {p['efficient_gb'] / p['naive_gb']:.2f}x"
+    )
+    if d in depth[C.BASELINE]:
+        base = depth[C.BASELINE][d]
+        ours = [f"{C.IMPLS[key]} {C.ratio(depth[key].get(d), base)}" for key in impls if key != C.BASELINE]
+        print(f"  here at depth {d} (activations, vs torchvision naive): " + ", ".join(ours))
 
 
 def csv_rows(arch, cfg, impls, main, depth, by_batch):
@@ -442,7 +456,13 @@ def main():
         "config": {**cfg, "model": arch.name, "impls": impls, "compile_skipped": run.skip_reason or None},
         "self_check": check,
         "main": main,
-        "depth_sweep": {"batch": cfg["depth_batch"], "size": DEPTH_SIZE, "activation": depth, "largest": largest},
+        "depth_sweep": {
+            "batch": cfg["depth_batch"],
+            "size": DEPTH_SIZE,
+            "activation": depth,
+            "largest": largest,
+            "published": PUBLISHED,
+        },
         "batch_sweep": {"size": cfg["size"], "activation": by_batch},
         "errors": m.errors,
     }

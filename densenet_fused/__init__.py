@@ -3,7 +3,7 @@
 from . import tracing
 from .block import DenseBlock, DenseLayer, Transition
 from .convert import convert
-from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264
+from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
 from .monai import load_monai_state_dict, monai_state_dict
 
 tracing.register_timm_leaves()
@@ -19,6 +19,7 @@ __all__ = [
     "densenet169",
     "densenet201",
     "densenet264",
+    "densenet_bc",
     "load_monai_state_dict",
     "monai_state_dict",
 ]

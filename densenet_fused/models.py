@@ -39,6 +39,8 @@ class DenseNet(nn.Module):
         in_channels (int, keyword-only) - channels of the input (3 by default, as in torchvision)
         norm (str or tuple, keyword-only) - "batch" (default: BatchNorm, as in torchvision) or "instance"
           (InstanceNorm, MONAI's choice for small batches of 3-D volumes), or MONAI's ``(name, kwargs)``
+        small_inputs (bool, keyword-only) - if True, the stem is a 3x3 stride-1 conv alone (no norm0, relu0, pool0),
+          as in the CIFAR/SVHN networks of Huang et al.; False (default): torchvision's ImageNet stem
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class DenseNet(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 3,
         norm: str | tuple = "batch",
+        small_inputs: bool = False,
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
@@ -61,17 +64,21 @@ class DenseNet(nn.Module):
         self.spatial_dims = spatial_dims
 
         # First convolution
-        conv0 = types.conv(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)
-        self.features = nn.Sequential(
-            OrderedDict(
-                [
-                    ("conv0", conv0),
-                    ("norm0", norm_layer(num_init_features)),
-                    ("relu0", nn.ReLU(inplace=True)),
-                    ("pool0", types.max_pool(kernel_size=3, stride=2, padding=1)),
-                ]
+        if small_inputs:
+            conv0 = types.conv(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)
+            self.features = nn.Sequential(OrderedDict([("conv0", conv0)]))
+        else:
+            conv0 = types.conv(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)
+            self.features = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("conv0", conv0),
+                        ("norm0", norm_layer(num_init_features)),
+                        ("relu0", nn.ReLU(inplace=True)),
+                        ("pool0", types.max_pool(kernel_size=3, stride=2, padding=1)),
+                    ]
+                )
             )
-        )
 
         # Each denseblock
         num_features = num_init_features
@@ -177,7 +184,8 @@ class DenseNet(nn.Module):
             raise RuntimeError(f"DenseNet: input is on {x.device} but the parameters are on {conv0.weight.device}")
         if x.size(0) == 0:
             raise ValueError(f"DenseNet got an empty batch (input shape {tuple(x.shape)})")
-        size = [(s - 1) // 2 + 1 for s in x.shape[2:]]  # conv0: 7, stride 2, padding 3
+        kernel, stride, padding = conv0.kernel_size[0], conv0.stride[0], conv0.padding[0]
+        size = [(s + 2 * padding - kernel) // stride + 1 for s in x.shape[2:]]
         for name, module in self.features.named_children():
             if name == "pool0":
                 size = [(s - 1) // 2 + 1 for s in size]  # 3, stride 2, padding 1
@@ -246,3 +254,17 @@ def densenet264(*, weights: None = None, progress: bool = True, **kwargs) -> Den
     if weights is not None:
         raise ValueError("densenet264 has no pretrained weights")
     return _densenet(32, (6, 12, 64, 48), 64, None, progress, **kwargs)
+
+
+def densenet_bc(depth: int, growth_rate: int = 12, **kwargs: Any) -> DenseNet:
+    """The CIFAR DenseNet-BC of Huang et al. and Pleiss et al. (DenseNet-BC-100, k=12: 0.8M parameters).
+
+    Three blocks of (depth - 4) / 6 layers after a 3x3 conv stem of 2k channels (``small_inputs=True``),
+    bottleneck 4k, compression 0.5, 10 classes by default, as efficient_densenet_pytorch's ``DenseNet``;
+    ``kwargs`` go to ``DenseNet`` (``drop_rate``, ``num_classes``, ``memory_efficient``, ...).
+    """
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 for some n >= 1 (40, 100, 190, 250, ...), got {depth}")
+    n = (depth - 4) // 6
+    kwargs = {"num_init_features": 2 * growth_rate, "num_classes": 10, **kwargs}
+    return DenseNet(growth_rate, (n, n, n), small_inputs=True, **kwargs)

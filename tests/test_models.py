@@ -47,9 +47,10 @@ def test_constructor_arguments_match_torchvision():
     theirs = inspect.signature(torchvision.models.DenseNet).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     extra = list(ours)[len(theirs) :]  # our additions are keyword-only, with defaults
-    assert extra == ["spatial_dims", "in_channels"]
+    assert extra == ["spatial_dims", "in_channels", "norm", "small_inputs"]
     assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extra)
-    assert (ours["spatial_dims"].default, ours["in_channels"].default) == (2, 3)
+    defaults = [ours[name].default for name in extra]
+    assert defaults == [2, 3, "batch", False]
     assert ours["memory_efficient"].default is True
 
 
