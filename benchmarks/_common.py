@@ -189,6 +189,43 @@ def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp=None
     forward_backward(model, x, target, amp)
 
 
+def eval_step(model: nn.Module, x: torch.Tensor, amp=None) -> None:
+    """Inference as users run it: the model in eval() mode, under torch.no_grad() (and autocast)."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        model(x)
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, target: torch.Tensor, train: bool = True) -> int:
+    """FLOPs of one training step (or one eval forward) of ``model``, counted by torch's FlopCounterMode:
+    convolutions and matmuls, the work every implementation must do (count it on torchvision's model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).train(train)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            forward_backward(model, x, target)
+        else:
+            eval_step(model, x)
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of this machine's dense GEMM (torch.mm of two n x n matrices, best of ``repeats``): the
+    compute ceiling a DenseNet step, made of GEMMs and convolutions, can approach."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def first_step(model: nn.Module, x, target, amp=None) -> float:
     """Run one training step and return its seconds: for torch.compile this is the compile time."""
     t0 = time.perf_counter()

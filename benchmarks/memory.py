@@ -28,15 +28,15 @@ from tqdm import tqdm
 
 PRESETS = {
     "quick": dict(
-        batch=8, size=32, repeats=5, budget=128, depths=(40, 100), depth_batch=16, max_depth=250, batches=(2, 4, 8, 16)
+        batch=8, size=32, repeats=5, budget=128, depths=(40, 100), depth_batch=8, max_depth=250, batches=(2, 4, 8, 16)
     ),
     "default": dict(
         batch=16,
         size=64,
-        repeats=5,
+        repeats=9,
         budget=256,
         depths=(40, 100, 190, 250),
-        depth_batch=32,
+        depth_batch=8,
         max_depth=500,
         batches=(2, 4, 8, 16, 32),
     ),
@@ -46,7 +46,7 @@ PRESETS = {
         repeats=10,
         budget=1024,
         depths=(40, 100, 190, 250, 400),
-        depth_batch=64,
+        depth_batch=16,
         max_depth=1000,
         batches=(1, 2, 4, 8, 16, 32, 64, 128),
     ),

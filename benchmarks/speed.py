@@ -4,8 +4,13 @@ Compares, with the same weights and input: torchvision memory_efficient=False (n
 (checkpointing), densenet_fused memory_efficient=True and False, and torch.compile(torchvision) on
 CUDA (on CPU only with --compile: compiling takes minutes there). A step is zero_grad + forward +
 cross-entropy + backward (no optimizer). Steps of all implementations are interleaved, so machine
-noise hits all alike, and the median is reported with its ratio to torchvision naive. On CUDA steps
-are timed with CUDA events, and each implementation's max_memory_allocated is reported too.
+noise hits all alike, and the median and min-max are reported with the median's ratio to torchvision
+naive. Eval-mode inference (``torch.no_grad()``) is timed the same way. On CUDA steps are timed with
+CUDA events, and each implementation's max_memory_allocated is reported too.
+
+Each table also gives the achieved GFLOP/s: torchvision's FLOPs for that step (convolutions and GEMMs,
+counted once per model and input size by torch's FlopCounterMode, the same work for every implementation)
+over the median time; and the compute floor: those FLOPs at this machine's measured dense GEMM rate.
 
     python benchmarks/speed.py                    # CPU: DenseNet-121 batch 16 at 64x64 and 128x128
     python benchmarks/speed.py --device cuda --amp --channels-last   # + 224x224, batch 64
@@ -21,8 +26,8 @@ from tqdm import tqdm
 PRESETS = {
     "cpu": {
         "quick": dict(configs=[(8, 32), (16, 64)], repeats=5),
-        "default": dict(configs=[(16, 64), (16, 128)], repeats=5),
-        "full": dict(configs=[(16, 64), (32, 128), (16, 224)], repeats=10),
+        "default": dict(configs=[(16, 64), (16, 128)], repeats=11),
+        "full": dict(configs=[(16, 64), (32, 128), (16, 224)], repeats=21),
     },
     "cuda": {
         "quick": dict(configs=[(16, 64)], repeats=10),
@@ -44,32 +49,45 @@ def run_config(arch, batch, size, setup, impls, repeats, errors):
             errors.append(f"{C.IMPLS[key]} at batch {batch}, {size}x{size}: {C.short_error(error)}")
     steps = {key: partial(C.train_step, models[key], x, target, setup.amp) for key in results}
     desc = f"batch {batch}, {size}x{size}"
-    with tqdm(total=repeats * len(steps), desc=desc, leave=False, dynamic_ncols=True) as progress:
+    with tqdm(total=2 * repeats * len(steps), desc=desc, leave=False, dynamic_ncols=True) as progress:
         timings = C.time_steps(steps, repeats, warmup=1, device=setup.device, progress=progress)
+        for key in steps:
+            models[key].eval()
+        inference = {key: partial(C.eval_step, models[key], x, setup.amp) for key in steps}
+        eval_timings = C.time_steps(inference, repeats, warmup=1, device=setup.device, progress=progress)
     for key, t in timings.items():
         results[key].update(median_s=t["median"], times_s=t["times"])
+        results[key].update(eval_median_s=eval_timings[key]["median"], eval_times_s=eval_timings[key]["times"])
         if "peak" in t:
             results[key]["max_memory_allocated"] = t["peak"]
-    return results
+    naive = models[C.BASELINE]
+    flops = {"train": C.step_flops(naive, x, target), "eval": C.step_flops(naive, x, target, train=False)}
+    return results, flops
 
 
-def print_config(arch, batch, size, setup, results, repeats):
+def print_config(arch, batch, size, setup, results, flops, rate, repeats):
     base = results.get(C.BASELINE, {})
     cuda = setup.device.type == "cuda"
-    headers = ["implementation", "median ms", "min-max ms", "vs naive", "images/s"]
-    if cuda:
-        headers += ["max_memory_allocated MiB", "vs naive"]
-    rows = []
-    for key, r in results.items():
-        ms = [t * 1e3 for t in r["times_s"]]
-        row = [C.IMPLS[key], f"{r['median_s'] * 1e3:.1f}", f"{min(ms):.0f}-{max(ms):.0f}"]
-        row += [C.ratio(r["median_s"], base.get("median_s")), f"{batch / r['median_s']:.1f}"]
-        if cuda:
-            peak = r["max_memory_allocated"]
-            row += [f"{peak / C.MiB:.0f}", C.ratio(peak, base.get("max_memory_allocated"))]
-        rows.append(row)
-    print(f"\n{arch.name}, batch {batch}, {size}x{size}, {setup.describe()} (median of {repeats} interleaved steps)")
-    print(C.table(headers, rows))
+    for mode, prefix, what in (("train", "", "training step"), ("eval", "eval_", "eval-mode inference, no_grad")):
+        headers = ["implementation", "median ms", "min-max ms", "vs naive", "GFLOP/s", "images/s"]
+        if cuda and mode == "train":
+            headers += ["max_memory_allocated MiB", "vs naive"]
+        rows = []
+        for key, r in results.items():
+            median, ms = r[f"{prefix}median_s"], [t * 1e3 for t in r[f"{prefix}times_s"]]
+            row = [C.IMPLS[key], f"{median * 1e3:.1f}", f"{min(ms):.0f}-{max(ms):.0f}"]
+            row += [C.ratio(median, base.get(f"{prefix}median_s")), f"{flops[mode] / median / 1e9:.0f}", f"{batch / median:.1f}"]
+            if cuda and mode == "train":
+                peak = r["max_memory_allocated"]
+                row += [f"{peak / C.MiB:.0f}", C.ratio(peak, base.get("max_memory_allocated"))]
+            rows.append(row)
+        print(f"\n{arch.name}, batch {batch}, {size}x{size}, {setup.describe()}, {what} (median of {repeats} interleaved)")
+        print(C.table(headers, rows))
+        floor = flops[mode] / rate
+        print(
+            f"  compute floor: {flops[mode] / 1e9:.1f} GFLOP at this machine's GEMM rate of {rate / 1e9:.0f} GFLOP/s "
+            f"= {floor * 1e3:.1f} ms ({C.ratio(floor, base.get(f'{prefix}median_s'))} torchvision naive)"
+        )
     if "tv_compile" in results:
         print(C.compile_note(results["tv_compile"]["first_step_s"]))
 
@@ -82,11 +100,13 @@ def main():
     configs = cfg["configs"]
     if args.batch or args.size:
         configs = [(args.batch or configs[0][0], args.size or configs[0][1])]
+    rate = C.matmul_rate(setup.device, setup.amp or setup.dtype)
+    print(f"dense GEMM rate (torch.mm, 2048^2, {setup.amp or setup.dtype}, best of 5): {rate / 1e9:.0f} GFLOP/s")
     errors, all_results, rows = [], [], []
     for batch, size in configs:
-        results = run_config(arch, batch, size, setup, impls, cfg["repeats"], errors)
-        print_config(arch, batch, size, setup, results, cfg["repeats"])
-        all_results.append({"batch": batch, "size": size, "results": results})
+        results, flops = run_config(arch, batch, size, setup, impls, cfg["repeats"], errors)
+        print_config(arch, batch, size, setup, results, flops, rate, cfg["repeats"])
+        all_results.append({"batch": batch, "size": size, "flops": flops, "results": results})
         base = results.get(C.BASELINE, {})
         for key, r in results.items():
             rows.append(
@@ -94,6 +114,9 @@ def main():
                     model=arch.name, batch=batch, size=size, setup=setup.describe(), impl=key,
                     median_ms=r["median_s"] * 1e3,
                     vs_naive=r["median_s"] / base["median_s"] if "median_s" in base else None,
+                    gflops_per_s=flops["train"] / r["median_s"] / 1e9,
+                    eval_median_ms=r["eval_median_s"] * 1e3,
+                    eval_vs_naive=r["eval_median_s"] / base["eval_median_s"] if "eval_median_s" in base else None,
                     max_memory_allocated_mib=r["max_memory_allocated"] / C.MiB if "max_memory_allocated" in r else None,
                 )
             )  # fmt: skip
@@ -101,7 +124,7 @@ def main():
         print(f"  failed: {error}")
 
     data = {
-        "config": {"model": arch.name, "repeats": cfg["repeats"], "impls": impls},
+        "config": {"model": arch.name, "repeats": cfg["repeats"], "impls": impls, "gemm_flops_per_s": rate},
         "compile_skipped": run.skip_reason or None,
         "configs": all_results,
         "errors": errors,

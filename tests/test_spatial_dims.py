@@ -98,9 +98,12 @@ def test_monai_configuration():
     assert one_d.features.denseblock1.denselayer1.drop_rate == 0.1  # MONAI's 1-D dropout is nn.Dropout
     assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 2)
     densenet_fused.DenseNet.from_monai_config(**config, act=("RELU", {"inplace": False}), norm=("batch", {}))
-    for bad in (dict(act="prelu"), dict(norm="instance"), dict(norm=("batch", {"eps": 1e-3}))):
-        with pytest.raises(ValueError, match="need act='relu' and norm='batch'"):
-            densenet_fused.DenseNet.from_monai_config(**config, **bad)
+    with pytest.raises(ValueError, match="apply ReLU only"):
+        densenet_fused.DenseNet.from_monai_config(**config, act="prelu")
+    eps = densenet_fused.DenseNet.from_monai_config(**config, norm=("batch", {"eps": 1e-3}))  # MONAI's norm args
+    assert all(m.eps == 1e-3 for m in eps.modules() if isinstance(m, nn.BatchNorm3d))
+    instance = densenet_fused.DenseNet.from_monai_config(**config, norm="instance")
+    assert {type(m) for m in instance.modules() if "norm" in type(m).__name__.lower()} == {nn.InstanceNorm3d}
     with pytest.raises(ValueError, match=r"drops whole channels \(Dropout3d\)"):  # fused blocks drop values
         densenet_fused.DenseNet.from_monai_config(**config, dropout_prob=0.1)
 
