@@ -5,7 +5,7 @@ forward passes differ.  A block forward allocates one feature buffer [N, C0 + L*
 reads the prefix ``buf[:, :C_l]`` and writes its k new channels into ``buf[:, C_l:C_l + k]``.  The
 batch statistics of a channel are computed once, when it is written.  Backward saves only the buffer
 and the statistics, recomputes each layer's BN -> ReLU -> 1x1 conv, and adds every layer's input
-gradient into one shared gradient buffer.
+gradient into one shared gradient buffer: the incoming gradient itself where nothing else can see it.
 
 The whole block is one custom op (``densenet_fused::dense_block``, with ``dense_block_backward``), so
 torch.compile sees it as opaque: the buffer, its slices and the in-place gradient accumulation are the
@@ -310,6 +310,17 @@ class _DenseBlockFunction(torch.autograd.Function):
         return _block_backward(ctx, grad_buf, in_place=False)
 
 
+# Writing into a gradient needs autograd's boxed calling convention (``boxed_grads_call``) and exact reference
+# counts: sys.getrefcount counts every reference on CPython before 3.14 with the GIL (3.14 borrows references
+# on its stack, free-threaded builds defer some).  Elsewhere every block backward copies the gradient.
+_WRITES_GRADIENTS = (
+    hasattr(torch.autograd.Function, "boxed_grads_call")
+    and sys.implementation.name == "cpython"
+    and sys.version_info < (3, 14)
+    and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
+
+
 class _EagerDenseBlockFunction(_DenseBlockFunction):
     """``_DenseBlockFunction`` outside torch.compile, without the copy of the buffer's gradient where none is needed.
 
@@ -329,13 +340,6 @@ class _EagerDenseBlockFunction(_DenseBlockFunction):
         return _block_backward(ctx, grad_buf, in_place)
 
 
-# sys.getrefcount counts every reference on CPython before 3.14 with the GIL (3.14 borrows references on its
-# stack, free-threaded builds defer some): elsewhere no gradient is written in place.
-_EXACT_REFCOUNT = (
-    sys.implementation.name == "cpython" and sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
-)
-
-
 def _writable(grad: Tensor, buf: Tensor) -> bool:
     """Whether the block can accumulate into ``grad``, the gradient of ``buf`` its caller holds in one variable:
     a plain dense tensor in buf's dtype and strides, held by nothing else, so that no one sees it change.
@@ -349,8 +353,7 @@ def _writable(grad: Tensor, buf: Tensor) -> bool:
     plain = type(grad) is torch.Tensor and grad.layout == torch.strided and not grad._is_zerotensor()
     layout = plain and grad.dtype == buf.dtype and grad.device == buf.device and grad.stride() == buf.stride()
     return (
-        _EXACT_REFCOUNT
-        and layout
+        layout
         and not grad.requires_grad
         and grad._use_count() == 1
         and sys.getrefcount(grad) == 3
@@ -518,7 +521,8 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     masks = _dropout_masks(x, first.conv2.out_channels, plans)
     params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
     group, group_count = (None, None) if sync is None else (sync.name, sync.count)
-    function = _DenseBlockFunction if torch.compiler.is_compiling() else _EagerDenseBlockFunction
+    eager = _WRITES_GRADIENTS and not torch.compiler.is_compiling()
+    function = _EagerDenseBlockFunction if eager else _DenseBlockFunction
     buf, mean, var, mean2, var2 = function.apply(
         len(inputs), sizes, _plan_args(plans), group, group_count, *inputs, *params, *running, *masks
     )

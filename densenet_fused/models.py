@@ -15,7 +15,6 @@ from . import norm as bn
 from . import stem_head, tracing
 from .block import _DenseBlock, _Transition, layer_types
 
-_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
@@ -172,10 +171,7 @@ class DenseNet(nn.Module):
         return self._head(out)
 
     def _head(self, features: Tensor) -> Tensor:
-        out = F.relu(features, inplace=True)
-        out = _ADAPTIVE_AVG_POOL[self.spatial_dims](out, 1)
-        out = torch.flatten(out, 1)
-        return self.classifier(out)
+        return self.classifier(stem_head.global_avg_pool(F.relu(features, inplace=True), self.spatial_dims))
 
     def _check_input(self, x: Tensor) -> None:
         """Reject input the network cannot take before any layer runs (so no running stat moves)."""

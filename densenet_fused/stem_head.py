@@ -52,6 +52,12 @@ def _max_pool_backward(grad: Tensor, z: Tensor) -> Tensor:
     return grad_z.squeeze(-2) if d == 1 else grad_z
 
 
+def global_avg_pool(z: Tensor, spatial_dims: int) -> Tensor:
+    """[N, C]: the average of z [N, C, *spatial] over its spatial dims, as torchvision's head pools (the rank is
+    given: torch.fx traces DenseNet's plain head with z a Proxy)."""
+    return torch.flatten(_ADAPTIVE_AVG_POOL[spatial_dims](z, 1), 1)
+
+
 def _spread_mean_backward(grad: Tensor, x: Tensor) -> Tensor:
     """The gradient of a global average over x's spatial dims for x: each value's share, in x's layout."""
     share = (grad / math.prod(x.shape[2:])).reshape(*grad.shape, *[1] * (x.dim() - 2))
@@ -65,7 +71,7 @@ def bn_relu_max_pool_reference(x: Tensor, mean: Tensor, invstd: Tensor, gamma: T
 
 def bn_relu_mean_reference(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """[N, C]: the global average of relu(gamma * (x - mean) * invstd + beta) per sample and channel."""
-    return torch.flatten(_ADAPTIVE_AVG_POOL[x.dim() - 2](bn_relu_reference(x, mean, invstd, gamma, beta), 1), 1)
+    return global_avg_pool(bn_relu_reference(x, mean, invstd, gamma, beta), x.dim() - 2)
 
 
 @torch.library.custom_op("densenet_fused::bn_relu_max_pool", mutates_args=())
@@ -91,7 +97,7 @@ def _bn_relu_max_pool_backward(grad, x, mean, invstd, gamma, beta, training):
 @torch.library.custom_op("densenet_fused::bn_relu_mean", mutates_args=())
 def bn_relu_mean(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, training: bool) -> Tensor:
     """The head before the classifier: ``bn_relu_mean_reference`` with the ``bn_relu`` primitive."""
-    return torch.flatten(_ADAPTIVE_AVG_POOL[x.dim() - 2](bn_relu(x, mean, invstd, gamma, beta, training), 1), 1)
+    return global_avg_pool(bn_relu(x, mean, invstd, gamma, beta, training), x.dim() - 2)
 
 
 @bn_relu_mean.register_fake
