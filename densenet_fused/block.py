@@ -19,6 +19,7 @@ statistics and BatchNorm-backward sums reduced over their process group (see ``d
 
 import sys
 import sysconfig
+import weakref
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
@@ -346,9 +347,9 @@ def _writable(grad: Tensor, buf: Tensor) -> bool:
 
     Anything that could see it holds a reference: from C++ (autograd's buffers of other nodes that receive the
     same gradient, saved tensors, a ``.grad``), from Python (the tensor a user passed to ``backward``, one a hook
-    kept) or to its memory (views, ``detach()``).  So all three counts must be the least possible: one C++
-    reference (its Python object), three Python ones (the caller's variable, this argument, getrefcount's), and
-    two on its storage (this tensor and the storage object asked for here).
+    kept, a weak reference) or to its memory (views, ``detach()``).  So all the counts must be the least
+    possible: one C++ reference (its Python object), three Python ones (the caller's variable, this argument,
+    getrefcount's), no weak one, and two on its storage (this tensor and the storage object asked for here).
     """
     plain = type(grad) is torch.Tensor and grad.layout == torch.strided and not grad._is_zerotensor()
     layout = plain and grad.dtype == buf.dtype and grad.device == buf.device and grad.stride() == buf.stride()
@@ -357,6 +358,7 @@ def _writable(grad: Tensor, buf: Tensor) -> bool:
         and not grad.requires_grad
         and grad._use_count() == 1
         and sys.getrefcount(grad) == 3
+        and weakref.getweakrefcount(grad) == 0
         and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) == 2
     )
 

@@ -3,6 +3,7 @@ accumulates into its incoming gradient: exact against torchvision, the memory th
 back to the modules."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -306,6 +307,14 @@ def test_block_never_writes_into_a_gradient_others_can_see():
 
         _assert_block_grads_match(ours, theirs, x, stashed)
         assert len(stash) == 2 and all(torch.equal(g, copy) for g, copy in stash)
+    # a weak reference to it, followed once the block's node has run
+    for block in (ours, theirs):
+        seen = []
+        out = block(x.clone().requires_grad_())
+        out.register_hook(lambda g: seen.append((weakref.ref(g), g.clone())))
+        out.grad_fn.register_hook(lambda *grads: seen.append(seen[0][0]()))
+        (out * kept).sum().backward()
+        assert seen[1] is None or torch.equal(seen[1], seen[0][1])
     # a gradient autograd also hands to another node, which runs after the block's
     other = torch.randn(2, 16, 5, 6, dtype=torch.float64, requires_grad=True)
     for block in (ours, theirs):
