@@ -110,12 +110,14 @@ def _bn_relu_mean_backward(grad, x, mean, invstd, gamma, beta, training):
     return bn_relu_backward(_spread_mean_backward(grad, x), x, mean, invstd, gamma, beta, training)
 
 
-for _op, _reference, _backward in (
-    (bn_relu_max_pool, bn_relu_max_pool_reference, _bn_relu_max_pool_backward),
-    (bn_relu_mean, bn_relu_mean_reference, _bn_relu_mean_backward),
-):
-    _autograd = bn_autograd(_reference, _backward)
-    _op.register_autograd(_autograd.backward, setup_context=_autograd.setup_context)
+def _register_autograd(op, reference, kernel_backward) -> None:
+    """The primitives' autograd (``bn_autograd``): ``kernel_backward``, or under create_graph=True ``reference``."""
+    autograd = bn_autograd(reference, kernel_backward)
+    op.register_autograd(autograd.backward, setup_context=autograd.setup_context)
+
+
+_register_autograd(bn_relu_max_pool, bn_relu_max_pool_reference, _bn_relu_max_pool_backward)
+_register_autograd(bn_relu_mean, bn_relu_mean_reference, _bn_relu_mean_backward)
 
 
 def _norm_args(x: Tensor, norm: nn.Module) -> tuple:
