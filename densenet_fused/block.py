@@ -5,7 +5,7 @@ forward passes differ.  A block forward allocates one feature buffer [N, C0 + L*
 reads the prefix ``buf[:, :C_l]`` and writes its k new channels into ``buf[:, C_l:C_l + k]``.  The
 batch statistics of a channel are computed once, when it is written.  Backward saves only the buffer
 and the statistics, recomputes each layer's BN -> ReLU -> 1x1 conv, and adds every layer's input
-gradient into one shared gradient buffer.
+gradient into one shared gradient buffer: the incoming gradient itself where nothing else can see it.
 
 The whole block is one custom op (``densenet_fused::dense_block``, with ``dense_block_backward``), so
 torch.compile sees it as opaque: the buffer, its slices and the in-place gradient accumulation are the
@@ -21,6 +21,9 @@ statistics and BatchNorm parameters stay float32.  Norms converted to SyncBatchN
 statistics and BatchNorm-backward sums reduced over their process group (see ``distributed``).
 """
 
+import sys
+import sysconfig
+import weakref
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import NamedTuple, Optional
@@ -257,14 +260,23 @@ def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running,
 
     Only the buffer's input channels of the first tensor are meaningful to the caller.
     """
+    grad_buffer = empty_like_layout(buf, buf.size(1))
+    grad_buffer.copy_(grad_buf)
+    grads = dense_block_backward_(grad_buffer, buf, mean, var, mean2, var2, params, running, masks, bottlenecks,
+                                  *plan_args_block)  # fmt: skip
+    return grad_buffer, grads
+
+
+def dense_block_backward_(grad_buffer, buf, mean, var, mean2, var2, params, running, masks, bottlenecks,
+                          *plan_args_block) -> list[Tensor]:  # fmt: skip
+    """``dense_block_backward`` into ``grad_buffer``, which holds the buffer's gradient in buf's layout: every
+    layer's input gradient is added into it in place.  Returns the gradients of ``params``."""
     *plan_args, group, _, count = plan_args_block
     plans, layers = _plans(plan_args), _unflatten(params)
     running = _running_stats(plans, running)
     sync = distributed.BatchNormSync.named(group, count)
     growth = plans[0].growth
     c0 = buf.size(1) - len(plans) * growth
-    grad_buffer = empty_like_layout(buf, buf.size(1))
-    grad_buffer.copy_(grad_buf)
     masks, bottlenecks = list(masks), list(bottlenecks)
     grads = []
     for l in reversed(range(len(plans))):
@@ -294,7 +306,7 @@ def dense_block_backward(grad_buf, buf, mean, var, mean2, var2, params, running,
         )
         _synchronize_(sync, plan.training1, grad_buffer[:, :c], x, m1, is1, p.gamma1, grad_b1, grad_g1)
         grads[:0] = [grad_g1, grad_b1, grad_w1.reshape(p.conv1.shape), grad_g2, grad_b2, grad_w2.contiguous()]
-    return grad_buffer, grads
+    return grads
 
 
 @dense_block_backward.register_fake
@@ -324,22 +336,86 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_stat_grads):
-        buf, mean, var, mean2, var2, count, *rest = ctx.saved_tensors
-        (params, running, masks), bottlenecks = _split(rest, ctx.sizes), rest[sum(ctx.sizes) :]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, for double backward
-            grad_buffer, grad_params = _differentiable_backward(
-                ctx, grad_buf, buf, mean, var, mean2, var2, params, running, masks
-            )
-        else:
-            grad_buffer, grad_params = dense_block_backward(
-                grad_buf, buf, mean, var, mean2, var2, params, running, masks, bottlenecks, *ctx.plan_args,
-                ctx.group, ctx.instance, count,
-            )  # fmt: skip
-        grad_inputs, start = [], 0
-        for channels in ctx.input_channels:
-            grad_inputs.append(grad_buffer[:, start : start + channels])
-            start += channels
-        return None, None, None, None, None, None, *grad_inputs, *grad_params, *[None] * (len(running) + len(masks))
+        return _block_backward(ctx, grad_buf, in_place=False)
+
+
+# Writing into a gradient needs autograd's boxed calling convention (``boxed_grads_call``) and exact reference
+# counts: sys.getrefcount counts every reference on CPython before 3.14 with the GIL (3.14 borrows references
+# on its stack, free-threaded builds defer some).  Elsewhere every block backward copies the gradient.
+_WRITES_GRADIENTS = (
+    hasattr(torch.autograd.Function, "boxed_grads_call")
+    and sys.implementation.name == "cpython"
+    and sys.version_info < (3, 14)
+    and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
+
+
+def _compiled_autograd_on() -> bool:
+    """Whether torch's compiled autograd is switched on, which cannot run a ``boxed_grads_call`` Function (read
+    without importing torch._dynamo, which imports triton: nothing can be on before it is imported)."""
+    dynamo, compiled = sys.modules.get("torch._dynamo"), sys.modules.get("torch._dynamo.compiled_autograd")
+    return (dynamo is not None and dynamo.config.compiled_autograd) or bool(compiled and compiled.compiled_autograd_enabled)
+
+
+class _EagerDenseBlockFunction(_DenseBlockFunction):
+    """``_DenseBlockFunction`` outside torch.compile, without the copy of the buffer's gradient where none is needed.
+
+    It takes its gradients as one list (``boxed_grads_call``), which autograd hands over without keeping
+    references of its own, empties the list, and accumulates into the buffer's gradient itself when nothing
+    else can see that tensor (``_writable``).  torch.compile traces ``_DenseBlockFunction``: dynamo passes the
+    gradients one by one, and its graphs keep ops functional.
+    """
+
+    boxed_grads_call = True
+
+    @staticmethod
+    def backward(ctx, grads):
+        grad_buf = grads[0]
+        grads.clear()
+        in_place = _writable(grad_buf, ctx.saved_tensors[0])
+        return _block_backward(ctx, grad_buf, in_place)
+
+
+def _writable(grad: Tensor, buf: Tensor) -> bool:
+    """Whether the block can accumulate into ``grad``, the gradient of ``buf`` its caller holds in one variable:
+    a plain dense tensor in buf's dtype and strides, held by nothing else, so that no one sees it change.
+
+    Anything that could see it holds a reference: from C++ (autograd's buffers of other nodes that receive the
+    same gradient, saved tensors, a ``.grad``), from Python (the tensor a user passed to ``backward``, one a hook
+    kept, a weak reference) or to its memory (views, ``detach()``).  So all the counts must be the least
+    possible: one C++ reference (its Python object), three Python ones (the caller's variable, this argument,
+    getrefcount's), no weak one, and two on its storage (this tensor and the storage object asked for here).
+    """
+    plain = type(grad) is torch.Tensor and grad.layout == torch.strided and not grad._is_zerotensor()
+    layout = plain and grad.dtype == buf.dtype and grad.device == buf.device and grad.stride() == buf.stride()
+    return (
+        layout
+        and not grad.requires_grad
+        and grad._use_count() == 1
+        and sys.getrefcount(grad) == 3
+        and weakref.getweakrefcount(grad) == 0
+        and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) == 2
+    )
+
+
+def _block_backward(ctx, grad_buf, in_place: bool) -> tuple:
+    """The gradients of ``_DenseBlockFunction``'s inputs; ``in_place``: accumulate into ``grad_buf`` itself."""
+    buf, mean, var, mean2, var2, count, *rest = ctx.saved_tensors
+    (params, running, masks), bottlenecks = _split(rest, ctx.sizes), rest[sum(ctx.sizes) :]
+    block_args = (mean, var, mean2, var2, params, running, masks, bottlenecks, *ctx.plan_args, ctx.group, ctx.instance, count)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, for double backward
+        grad_buffer, grad_params = _differentiable_backward(
+            ctx, grad_buf, buf, mean, var, mean2, var2, params, running, masks
+        )
+    elif in_place:
+        grad_buffer, grad_params = grad_buf, dense_block_backward_(grad_buf, buf, *block_args)
+    else:
+        grad_buffer, grad_params = dense_block_backward(grad_buf, buf, *block_args)
+    grad_inputs, start = [], 0
+    for channels in ctx.input_channels:
+        grad_inputs.append(grad_buffer[:, start : start + channels])
+        start += channels
+    return None, None, None, None, None, None, *grad_inputs, *grad_params, *[None] * (len(running) + len(masks))
 
 
 def _split(tensors, sizes) -> list[list]:
@@ -491,7 +567,9 @@ def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tens
     masks = _dropout_masks(x, first.conv2.out_channels, plans)
     params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
     group, group_count = (None, None) if sync is None else (sync.name, sync.count)
-    buf, mean, var, mean2, var2 = _DenseBlockFunction.apply(
+    eager = _WRITES_GRADIENTS and not torch.compiler.is_compiling() and not _compiled_autograd_on()
+    function = _EagerDenseBlockFunction if eager else _DenseBlockFunction
+    buf, mean, var, mean2, var2 = function.apply(
         len(inputs), sizes, _plan_args(plans), group, instance, group_count, *inputs, *params, *running, *masks
     )
     for l, layer in enumerate(layers):

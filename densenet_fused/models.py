@@ -12,10 +12,9 @@ from torchvision.models._utils import handle_legacy_interface
 
 from . import distributed
 from . import norm as bn
-from . import tracing
+from . import stem_head, tracing
 from .block import _DenseBlock, _Transition, layer_types, norm_factory
 
-_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
@@ -161,14 +160,29 @@ class DenseNet(nn.Module):
     __prepare_scriptable__ = tracing.refuse_torchscript
 
     def forward(self, x: Tensor) -> Tensor:
-        if not tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
-            self._check_input(x)
-        features = self.features(x)
-        out = F.relu(features, inplace=True)
-        out = _ADAPTIVE_AVG_POOL[self.spatial_dims](out, 1)
-        out = torch.flatten(out, 1)
-        out = self.classifier(out)
-        return out
+        """``classifier(flatten(avg_pool(relu(features(x)))))``, with the stem's norm0 -> relu0 -> pool0 and the
+        head's norm5 -> ReLU -> average fused where they are torchvision's modules (``stem_head.fusable``):
+        their backward saves conv0's output and the last block's buffer only."""
+        if tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
+            return self._head(self.features(x))
+        self._check_input(x)
+        stem, head = stem_head.fusable(self.features, self.spatial_dims)
+        if not (stem or head):
+            return self._head(self.features(x))
+        modules, out = list(self.features), x
+        if stem:
+            out = stem_head.norm_relu_max_pool(modules[0](out), modules[1])
+            modules = modules[4:]
+        if head:
+            *modules, norm5 = modules
+        for module in modules:
+            out = module(out)
+        if head:
+            return self.classifier(stem_head.norm_relu_mean(out, norm5))
+        return self._head(out)
+
+    def _head(self, features: Tensor) -> Tensor:
+        return self.classifier(stem_head.global_avg_pool(F.relu(features, inplace=True), self.spatial_dims))
 
     def _check_input(self, x: Tensor) -> None:
         """Reject input the network cannot take before any layer runs (so no running stat moves)."""
