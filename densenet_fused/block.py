@@ -304,6 +304,7 @@ def dense_block_backward_(grad_buffer, buf, mean, var, mean2, var2, params, runn
         grad_w1, grad_g1, grad_b1 = bn_relu_conv1x1_backward(
             grad_bottleneck, x, m1, is1, p.gamma1, p.beta1, w1, grad_buffer, plan.training1 and local
         )
+        del grad_bottleneck  # before the next layer's recompute: it would be live at that layer's peak
         _synchronize_(sync, plan.training1, grad_buffer[:, :c], x, m1, is1, p.gamma1, grad_b1, grad_g1)
         grads[:0] = [grad_g1, grad_b1, grad_w1.reshape(p.conv1.shape), grad_g2, grad_b2, grad_w2.contiguous()]
     return grads
