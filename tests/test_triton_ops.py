@@ -14,11 +14,10 @@ the output (and, in the weight-gradient GEMM, the recomputed activation) to fp16
 where the reference keeps fp32 activations in backward: 4e-3 relative to the largest value, i.e. a
 few fp16 ulps.  bfloat16 (eps 2^-8 ~ 3.9e-3): 3e-2.  float64 accumulates in float64: 1e-10.
 
-Every kernel test runs with ``no_fallback``, so a launcher that quietly ran the reference would fail.
+Every kernel test runs with ``no_fallback`` (conftest.py), so a launcher that quietly ran the reference would fail.
 """
 
 import importlib
-import inspect
 import os
 import subprocess
 import sys
@@ -71,17 +70,6 @@ def ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@pytest.fixture
-def no_fallback(monkeypatch):
-    """Make the launchers' reference fallback raise, so a test cannot pass on the reference silently."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the Triton launcher fell back to the reference")
-
-    for op in OPS:
-        monkeypatch.setattr(inspect.getmodule(op.reference), op.reference.__name__, fail)
 
 
 def assert_close(actual, expected, dtype, what=""):

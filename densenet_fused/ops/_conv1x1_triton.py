@@ -135,14 +135,15 @@ if _tr.TRITON_AVAILABLE:
         BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         """[BLOCK_C, BLOCK_Q] ACC tile of relu(x * scale + shift) averaged over PDxPHxPW windows at
-        pixel offsets ``base``; exactly 0 outside the masks (relu(shift) is not)."""
+        int64 pixel offsets ``base``; exactly 0 outside the masks (relu(shift) is not).  Each window tap
+        is added to ``base`` in int64 (sxd + sxh + sxw can pass 2^31 in int32)."""
         mask = mask_c[:, None] & mask_q[None, :]
-        ptrs = x_ptr + offs_c.to(tl.int64)[:, None] * sxc + base[None, :]
+        rows = x_ptr + offs_c.to(tl.int64)[:, None] * sxc
         z = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
         for i in tl.static_range(PD):
             for j in tl.static_range(PH):
                 for k in tl.static_range(PW):
-                    x = tl.load(ptrs + (i * sxd + j * sxh + k * sxw), mask=mask, other=0.0)
+                    x = tl.load(rows + (base + i * sxd + j * sxh + k * sxw)[None, :], mask=mask, other=0.0)
                     z += tl.maximum(x.to(ACC) * scale[:, None] + shift[:, None], 0.0)
         if PD * PH * PW > 1:
             z = z * (1.0 / (PD * PH * PW))

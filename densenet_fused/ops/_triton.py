@@ -10,6 +10,9 @@ Conventions of every kernel:
 * Per-channel vectors (mean, invstd, gamma, beta) and every accumulator use the accumulation dtype
   (``ACC``): float64 for float64 input (fp64 dots, DMMA on sm80+), float32 for float32, float16 and
   bfloat16.  Empty tensors and more than 3 spatial dims that cannot be merged run the reference.
+* Offsets are int64: channel indices and pixel coordinates (``pixel_coords``) are cast before they meet
+  a stride, so a tensor may span more than 2^31 elements; flat pixel indices stay int32 (at most
+  ``MAX_PIXELS`` pixels, else the reference runs).
 * Reductions over pixels are split in ``num_splits`` chunks whose partial results land in a small
   [splits, ...] tensor summed by torch afterwards: deterministic, no atomics.
 * fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (``config.tf32``, read at every launch)
@@ -29,8 +32,10 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_PIXELS = 2**30  # pixel indices are int32 in the kernels; the margin keeps tile and chunk ends in range
 
 __all__ = [
+    "MAX_PIXELS",
     "TF32_ENV",
     "TRITON_AVAILABLE",
     "TRITON_DTYPES",
@@ -102,8 +107,12 @@ def batch_norm_backward_passes(launch, sums: torch.Tensor, scale: torch.Tensor, 
 
 
 def runs_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels take these tensors (else the launcher runs the reference)."""
-    return all(t.dtype in TRITON_DTYPES and t.numel() > 0 for t in tensors)
+    """Whether the Triton kernels take these tensors (else the launcher runs the reference).
+
+    At most ``MAX_PIXELS`` pixels (N * D * H * W): the kernels index pixels, and the ends of their tiles
+    and chunks, in int32.
+    """
+    return all(t.dtype in TRITON_DTYPES and 0 < t.numel() <= MAX_PIXELS * t.size(1) for t in tensors)
 
 
 def geometry(t: torch.Tensor, merge: bool = True):
@@ -183,11 +192,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def pixel_coords(q, D, H, W):
-        """Split flat pixel indices q over [N, D, H, W] into (n as int64, d, h, w)."""
+        """Split flat int32 pixel indices q over [N, D, H, W] into (n, d, h, w), cast to int64: a
+        coordinate times its stride can pass 2^31 when both fit in int32 (Triton passes strides below
+        2^31 as int32).  The divisions stay int32, which is cheaper."""
         w = q % W
         t = q // W
         h = t % H
         t = t // H
         d = t % D
-        n = (t // D).to(tl.int64)
-        return n, d, h, w
+        n = t // D
+        return n.to(tl.int64), d.to(tl.int64), h.to(tl.int64), w.to(tl.int64)
