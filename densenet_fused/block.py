@@ -53,12 +53,13 @@ class LayerTypes:
     norm: type
     avg_pool: type
     max_pool: type
+    instance_norm: type
 
 
 _LAYER_TYPES = {
-    1: LayerTypes(nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d, nn.MaxPool1d),
-    2: LayerTypes(nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d),
-    3: LayerTypes(nn.Conv3d, nn.BatchNorm3d, nn.AvgPool3d, nn.MaxPool3d),
+    1: LayerTypes(nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d, nn.MaxPool1d, nn.InstanceNorm1d),
+    2: LayerTypes(nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.InstanceNorm2d),
+    3: LayerTypes(nn.Conv3d, nn.BatchNorm3d, nn.AvgPool3d, nn.MaxPool3d, nn.InstanceNorm3d),
 }
 
 
@@ -69,13 +70,11 @@ def layer_types(spatial_dims: int) -> LayerTypes:
     return _LAYER_TYPES[spatial_dims]
 
 
-_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-
-
 def norm_factory(spatial_dims: int, norm: str | tuple = "batch"):
     """``num_features -> norm module`` for a norm spec: "batch" (BatchNorm, torchvision's) or "instance"
     (InstanceNorm, with torch's defaults as MONAI uses them), alone or as MONAI's ``(name, kwargs)``."""
-    classes = {"batch": layer_types(spatial_dims).norm, "instance": _INSTANCE_NORMS.get(spatial_dims)}
+    types = layer_types(spatial_dims)
+    classes = {"batch": types.norm, "instance": types.instance_norm}
     spec = (norm, {}) if isinstance(norm, str) else norm
     if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], dict)
             and isinstance(spec[0], str) and spec[0].lower() in classes):  # fmt: skip
@@ -523,7 +522,7 @@ def _batch_group(norms: list, size: torch.Size, x: Tensor, instance: bool, what:
     ones do not, as SyncBatchNorm with more than one process does not.  Instance norms count per sample.
     """
     group = distributed.common_group(norms, what)
-    local_count = x[0, 0].numel() if instance else x.numel() // x.size(1)
+    local_count = bn.stats_count(x, instance)
     if group is None:
         bn.check_batch_size(size, instance)
         return None, local_count

@@ -34,6 +34,11 @@ def check_batch_size(size: torch.Size, instance: bool = False) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def stats_count(x: torch.Tensor, instance: bool) -> int:
+    """How many values of x each statistic is taken over: per channel, or per sample and channel (instance)."""
+    return x[0, 0].numel() if instance else x.numel() // x.size(1)
+
+
 @torch.no_grad()
 def update_running_stats(norm, mean: torch.Tensor, var: torch.Tensor, count) -> None:
     """Fold one batch's mean and biased variance into the running stats, as _BatchNorm.forward does.

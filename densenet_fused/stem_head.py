@@ -6,8 +6,9 @@ primitives and torch's pooling ops) whose backward saves only its input, the sta
 parameters, and recomputes the rest.  Under ``create_graph=True`` the backward differentiates the pure-PyTorch
 reference instead (``ops._autograd.bn_autograd``), so double backward works.
 
-Only a plain BatchNorm computing this process's statistics, with no hooks, is fused; ``DenseNet.forward`` runs
-anything else (SyncBatchNorm across processes, other norms, hooks, edited ``features``) as modules.
+Only a plain BatchNorm computing this process's statistics, or an InstanceNorm (per-sample statistics, as in the
+blocks), with no hooks, is fused; ``DenseNet.forward`` runs anything else (SyncBatchNorm across processes, other
+norms, hooks, edited ``features``) as modules.
 """
 
 import math
@@ -18,8 +19,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import norm as bn
-from .block import layer_types
-from .ops import bn_relu, bn_relu_backward, channel_stats
+from .block import _batch_stats, layer_types
+from .ops import bn_relu, bn_relu_backward
 from .ops._autograd import bn_autograd
 from .ops.bn_relu import bn_relu_reference
 from .ops.layout import acc_dtype, empty_like_layout, to_layout_of
@@ -127,9 +128,10 @@ def _norm_args(x: Tensor, norm: nn.Module) -> tuple:
     gamma, beta = bn.affine(norm, acc, x.device)
     if not bn.uses_batch_stats(norm):
         return (*bn.running_stats(norm, acc), gamma, beta, False)
+    instance = bn.is_instance(norm)
     with torch.no_grad():
-        mean, var = channel_stats(x)
-    bn.update_running_stats(norm, mean, var, x.numel() // x.size(1))
+        mean, var = _batch_stats(x, None, instance)
+    bn.update_running_stats(norm, mean, var, bn.stats_count(x, instance))
     return mean, torch.rsqrt(var + norm.eps), gamma, beta, True
 
 
@@ -147,16 +149,16 @@ def norm_relu_mean(x: Tensor, norm: nn.Module) -> Tensor:
 def fusable(features: nn.Module, spatial_dims: int) -> tuple[bool, bool]:
     """(stem, head): whether ``features[1:4]`` (norm0, relu0, pool0) and ``features[-1]`` (norm5) can run fused.
 
-    Only the modules torchvision builds qualify (a BatchNorm of that rank or a SyncBatchNorm, computing this
-    process's statistics; nn.ReLU; pool0's max pool), and only where calling them, and ``features``, would run
+    Only the modules torchvision (or MONAI) builds qualify (a BatchNorm or InstanceNorm of that rank, or a
+    SyncBatchNorm computing this process's statistics; nn.ReLU; pool0's max pool), and only where calling them, and ``features``, would run
     nothing but their forward (no hooks of theirs, no global ones).
     """
     if type(features) is not nn.Sequential or not _runs_plain(features):
         return False, False
     modules, types = list(features), layer_types(spatial_dims)
-    stem = len(modules) >= 4 and _plain_norm(modules[1], types.norm) and _plain_relu(modules[2])
+    stem = len(modules) >= 4 and _plain_norm(modules[1], types) and _plain_relu(modules[2])
     stem = stem and _is_pool0(modules[3], types.max_pool)
-    head = len(modules) > 0 and _plain_norm(modules[-1], types.norm)
+    head = len(modules) > 0 and _plain_norm(modules[-1], types)
     return stem, head
 
 
@@ -170,8 +172,9 @@ def _runs_plain(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _plain_norm(norm: nn.Module, norm_type: type) -> bool:
-    return type(norm) in (norm_type, nn.SyncBatchNorm) and _runs_plain(norm) and distributed.sync_group(norm) is None
+def _plain_norm(norm: nn.Module, types) -> bool:
+    norms = (types.norm, types.instance_norm, nn.SyncBatchNorm)
+    return type(norm) in norms and _runs_plain(norm) and distributed.sync_group(norm) is None
 
 
 def _plain_relu(relu: nn.Module) -> bool:

@@ -192,16 +192,16 @@ def test_unfusable_ends_run_the_modules():
     def appended(model):
         model.features.add_module("identity", nn.Identity())
 
-    def instance_norm(model):
-        model.features.norm0 = nn.InstanceNorm2d(8)
-        model.features.norm5 = nn.InstanceNorm2d(model.features.norm5.num_features)
+    def group_norm(model):
+        model.features.norm0 = nn.GroupNorm(2, 8).double()
+        model.features.norm5 = nn.GroupNorm(2, model.features.norm5.num_features).double()
 
-    for edit, fused in ((hooked, (False, False)), (appended, (True, False)), (instance_norm, (False, False))):
+    for edit, fused in ((hooked, (False, False)), (appended, (True, False)), (group_norm, (False, False))):
         model = copy.deepcopy(reference)
         edit(model)
         assert stem_head.fusable(model.features, 2) == fused, edit.__name__
         out = model(x)
-        if edit is not instance_norm:
+        if edit is not group_norm:
             torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert calls == ["norm0", "norm5"]
     handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
@@ -334,3 +334,19 @@ def test_eager_forward_with_compiled_autograd_backward():
     with compiled_autograd._enable(torch.compile(backend="aot_eager")):
         _assert_block_grads_match(ours, theirs, x, lambda out: (out * out).sum().backward())
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (3, 3, 37, 35)), (3, (2, 3, 19, 18, 21))])
+@pytest.mark.parametrize("norm", [("instance", {}), ("instance", {"affine": True, "track_running_stats": True})])
+def test_instance_norm_ends_are_fused_and_match_the_modules(norm, spatial_dims, shape):
+    """Instance-norm stem and head (MONAI's 3-D networks) run fused, with per-sample statistics, exactly as the
+    modules do: two training steps, then eval."""
+    torch.manual_seed(0)
+    ours = randomize_affine(densenet_fused.DenseNet(**TINY, norm=norm, spatial_dims=spatial_dims).double())
+    assert stem_head.fusable(ours.features, spatial_dims) == (True, True)
+    modules = copy.deepcopy(ours)
+    modules.features.norm0.register_forward_hook(lambda *args: None)  # hooks: the module path
+    modules.features.norm5.register_forward_hook(lambda *args: None)
+    assert stem_head.fusable(modules.features, spatial_dims) == (False, False)
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_lockstep(ours, modules, x, torch.randint(TINY["num_classes"], (shape[0],)), steps=2, rtol=1e-10, atol=1e-10)
