@@ -45,9 +45,13 @@ IMPLS = {
     "tv_compile": "torch.compile(torchvision)",
     "fused_eff": "fused memory_efficient=True",
     "fused_keep": "fused memory_efficient=False",
+    "fused_eff_compile": "torch.compile(fused memory_efficient=True)",
+    "fused_keep_compile": "torch.compile(fused memory_efficient=False)",
 }
 BASELINE = "tv_naive"
-EAGER_IMPLS = [key for key in IMPLS if key != "tv_compile"]
+# The compiled implementations: torch.compile of the eager one named.
+COMPILED = {"tv_compile": "tv_naive", "fused_eff_compile": "fused_eff", "fused_keep_compile": "fused_keep"}
+EAGER_IMPLS = [key for key in IMPLS if key not in COMPILED]
 
 # ImageNet DenseNets: (growth_rate, block_config, num_init_features), as in torchvision.
 ARCHS = {
@@ -132,21 +136,23 @@ class Setup:
         return module_or_tensor.to(device=self.device, dtype=self.dtype, memory_format=fmt)
 
 
-def build_models(a: Arch, impls, setup: Setup, seed: int = 0) -> dict:
-    """One model per implementation, all with the weights torchvision's init gives for ``seed``."""
+def build_models(a: Arch, impls, setup: Setup, seed: int = 0, backend: str = "inductor") -> dict:
+    """One model per implementation, all with the weights torchvision's init gives for ``seed``; the
+    ``COMPILED`` ones are ``torch.compile(..., backend=backend)`` of a copy of their eager model."""
     torch.manual_seed(seed)
     naive = setup.place(torchvision_model(a, memory_efficient=False))
     state = naive.state_dict()
     models = {}
     for key in impls:
-        if key == "tv_naive":
+        eager = COMPILED.get(key, key)
+        if eager == "tv_naive":
             model = naive
-        elif key == "tv_compile":
-            model = torch.compile(copy.deepcopy(naive))
         else:
-            build = torchvision_model if key == "tv_ckpt" else fused_model
-            model = setup.place(build(a, memory_efficient=key in ("tv_ckpt", "fused_eff")))
+            build = torchvision_model if eager == "tv_ckpt" else fused_model
+            model = setup.place(build(a, memory_efficient=eager in ("tv_ckpt", "fused_eff")))
             model.load_state_dict(state)
+        if key in COMPILED:
+            model = torch.compile(copy.deepcopy(model), backend=backend)
         models[key] = model.train()
     return models
 
@@ -454,7 +460,8 @@ def parser(description: str, budget=False) -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="include torch.compile(torchvision) (default: on CUDA only; a cold compile takes minutes on a small CPU)",
+        help="include torch.compile of torchvision and of both fused modes (default: on CUDA only; a cold compile "
+        "takes minutes on a small CPU)",
     )
     if budget:
         p.add_argument("--budget", type=float, help="MiB for the max-batch and max-depth searches (default: 256)")
@@ -475,14 +482,14 @@ def preset(args, presets: dict) -> dict:
 
 
 def compile_decision(args, device: torch.device) -> tuple[bool, str]:
-    """Whether torch.compile(torchvision) runs, and the reason printed when it does not."""
+    """Whether the compiled implementations (``COMPILED``) run, and the reason printed when they do not."""
     if args.compile is not None:
         return args.compile, "" if args.compile else "torch.compile skipped (--no-compile)"
     if device.type == "cuda":
         return True, ""
     return False, (
-        "torch.compile(torchvision) skipped on CPU: a cold compile of DenseNet-121's training step took "
-        "482 s on the 2-core dev machine (35 s with a warm inductor cache; measured once, torch 2.14). "
+        "torch.compile (of torchvision and of ours) skipped on CPU: a cold compile of DenseNet-121's training "
+        "step took 482 s on the 2-core dev machine (35 s with a warm inductor cache; measured once, torch 2.14). "
         "Pass --compile to include it."
     )
 
@@ -513,7 +520,7 @@ def start_run(args, title: str) -> Run:
     """Print the header (versions, device, backend, compile decision) and create --out."""
     setup = Setup.from_args(args)
     with_compile, skip_reason = compile_decision(args, setup.device)
-    impls = [key for key in IMPLS if key != "tv_compile" or with_compile]
+    impls = [key for key in IMPLS if key not in COMPILED or with_compile]
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     env = header(title, setup.device)

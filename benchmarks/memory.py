@@ -1,8 +1,8 @@
 """How much activation memory one DenseNet training step needs: torchvision vs densenet_fused.
 
 Compares, with the same weights and input: torchvision memory_efficient=False (naive) and True
-(checkpointing), torch.compile(torchvision) where compiling is affordable, and densenet_fused with
-memory_efficient=True (recompute) and False (keep bottlenecks). It reports
+(checkpointing), densenet_fused with memory_efficient=True (recompute) and False (keep bottlenecks), and
+torch.compile of torchvision and of both fused modes where compiling is affordable. It reports
 
   * activation memory of one training step (forward + backward), exact on CPU (see _common.py),
   * median step time, interleaved across implementations,
@@ -96,7 +96,7 @@ class Measurer:
             try:
                 model = self.model(arch, key)
                 x, target = C.make_batch(arch, batch, size, self.setup)
-                warmup = key == "tv_compile" or self.setup.device.type == "cuda"
+                warmup = key in C.COMPILED or self.setup.device.type == "cuda"
                 self.cache[cache_key] = C.activation_bytes(model, x, target, self.setup.amp, warmup=warmup)
             except torch.OutOfMemoryError:  # on CUDA: does not fit, which a search expects
                 self.cache[cache_key] = None
@@ -148,7 +148,7 @@ def main_config(m: Measurer, arch, cfg, impls, setup):
     budget = cfg["budget"] * C.MiB
     with bar("max batch search") as m.progress:
         for key in ok:
-            if key == "tv_compile":
+            if key in C.COMPILED:
                 continue  # every new batch size recompiles: not searched
             known = {batch: m.total(arch, batch, size, key)}
             found, _ = C.largest_fitting(lambda b: m.total(arch, b, size, key), budget, known, start=2)

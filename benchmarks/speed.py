@@ -1,8 +1,8 @@
 """Training-step time of torchvision's DenseNet vs densenet_fused, interleaved in one run.
 
 Compares, with the same weights and input: torchvision memory_efficient=False (naive) and True
-(checkpointing), densenet_fused memory_efficient=True and False, and torch.compile(torchvision) on
-CUDA (on CPU only with --compile: compiling takes minutes there). A step is zero_grad + forward +
+(checkpointing), densenet_fused memory_efficient=True and False, and torch.compile of torchvision and of
+both fused modes on CUDA (on CPU only with --compile: compiling takes minutes there). A step is zero_grad + forward +
 cross-entropy + backward (no optimizer). Steps of all implementations are interleaved, so machine
 noise hits all alike, and the median and min-max are reported with the median's ratio to torchvision
 naive. Eval-mode inference (``torch.no_grad()``) is timed the same way. On CUDA steps are timed with
