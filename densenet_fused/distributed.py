@@ -40,8 +40,9 @@ def common_group(norms: list, what: str):
 
 
 def global_count(local_count: int, device: torch.device, group) -> Tensor:
-    """The number of values per channel over the whole group (float64 scalar tensor: no host sync)."""
-    count = torch.tensor(float(local_count), dtype=torch.float64, device=device)
+    """The number of values per channel over the whole group (float64 scalar tensor: no host sync, and filled on
+    the device rather than copied from host memory, which CUDA's sync debug mode flags)."""
+    count = torch.full((), float(local_count), dtype=torch.float64, device=device)
     dist.all_reduce(count, group=group)
     return count
 
