@@ -156,13 +156,15 @@ def test_bn_relu_backward(arena, training):
         close(g, w, name)
 
 
-def test_bn_relu_conv1x1_forward(arena):
+@pytest.mark.parametrize("name", ["bn_relu_conv1x1", "bn_relu_pool_conv1x1"])
+def test_conv1x1_forwards(arena, name):
+    launcher = {"bn_relu_conv1x1": conv_mod.bn_relu_conv1x1_triton, "bn_relu_pool_conv1x1": pool_mod.bn_relu_pool_conv1x1_triton}
     x = arena.view(C, seed=0)
     params, weight = bn_params(), random((B, C), seed=3)
     before = arena.snapshot()
-    got = conv_mod.bn_relu_conv1x1_triton(x, *params, weight)
+    got = launcher[name](x, *params, weight)
     arena.assert_untouched(before)
-    close(got, REF["bn_relu_conv1x1"](x.contiguous(), *params, weight), "out")
+    close(got, REF[name](x.contiguous(), *params, weight), "out")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -179,15 +181,6 @@ def test_bn_relu_conv1x1_backward_accumulates_in_place(arena, training):
     for name, g, w in zip(("grad_weight", "grad_gamma", "grad_beta"), got, want):
         close(g, w, name)
     close(accumulated, expected, "grad_buffer")
-
-
-def test_bn_relu_pool_conv1x1_forward(arena):
-    x = arena.view(C, seed=0)
-    params, weight = bn_params(), random((B, C), seed=3)
-    before = arena.snapshot()
-    got = pool_mod.bn_relu_pool_conv1x1_triton(x, *params, weight)
-    arena.assert_untouched(before)
-    close(got, REF["bn_relu_pool_conv1x1"](x.contiguous(), *params, weight), "out")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
