@@ -530,6 +530,22 @@ def _batch_group(norms: list, size: torch.Size, x: Tensor, instance: bool, what:
     return distributed.BatchNormSync(group, count), count
 
 
+def norm_inputs(norm: nn.Module, x: Tensor, what: str) -> tuple[tuple, bool, object]:
+    """((mean, invstd, gamma, beta), training, sync hook or None) for one norm applied to all of x, as a fused
+    primitive takes them: its running statistics, or x's batch (or per-sample) statistics, in which case the
+    norm's running statistics move as F.batch_norm (F.instance_norm) moves them."""
+    acc = acc_dtype(x.dtype)
+    gamma, beta = bn.affine(norm, acc, x.device)
+    if not bn.uses_batch_stats(norm):
+        return (*bn.running_stats(norm, acc), gamma, beta), False, None
+    instance = bn.is_instance(norm)
+    sync, count = _batch_group([norm], x.shape, x, instance, what)
+    with torch.no_grad():
+        mean, var = _batch_stats(x, sync, instance)
+    bn.update_running_stats(norm, mean, var, count)
+    return (mean, torch.rsqrt(var + norm.eps), gamma, beta), True, sync
+
+
 def dense_layers_forward(layers: list["_DenseLayer"], inputs: Tensor | list[Tensor], what: str) -> Tensor:
     """Run ``layers`` over one buffer holding ``inputs`` (a tensor or a list) concatenated; return the buffer."""
     first = layers[0]
@@ -682,20 +698,11 @@ class _Transition(nn.Sequential):
         if any(size < 2 for size in input.shape[2:]):
             raise ValueError(f"Transition pools by 2 and needs a spatial size of at least 2, got {tuple(input.shape)}")
         input = input.to(dtype)
-        acc = acc_dtype(dtype)
-        gamma, beta = bn.affine(self.norm, acc, input.device)
         weight = self.conv.weight.to(dtype).flatten(1)
-        if not bn.uses_batch_stats(self.norm):
-            return bn_relu_pool_conv1x1(input, *bn.running_stats(self.norm, acc), gamma, beta, weight, False)
-        instance = bn.is_instance(self.norm)
-        sync, count = _batch_group([self.norm], input.shape, input, instance, "Transition")
-        with torch.no_grad():
-            mean, var = _batch_stats(input, sync, instance)
-        bn.update_running_stats(self.norm, mean, var, count)
-        invstd = torch.rsqrt(var + self.norm.eps)
+        stats, training, sync = norm_inputs(self.norm, input, "Transition")
         if sync is None:
-            return bn_relu_pool_conv1x1(input, mean, invstd, gamma, beta, weight, True)
-        return _SyncTransitionFunction.apply(sync, input, mean, invstd, gamma, beta, weight)
+            return bn_relu_pool_conv1x1(input, *stats, weight, training)
+        return _SyncTransitionFunction.apply(sync, input, *stats, weight)
 
 
 class _SyncTransitionFunction(torch.autograd.Function):

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from . import norm as bn
-from .block import _batch_stats, layer_types
+from .block import layer_types, norm_inputs
 from .ops import bn_relu, bn_relu_backward
 from .ops._autograd import bn_autograd
 from .ops.bn_relu import bn_relu_reference
-from .ops.layout import acc_dtype, empty_like_layout, to_layout_of
+from .ops.layout import empty_like_layout, to_layout_of
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -121,29 +120,17 @@ _register_autograd(bn_relu_max_pool, bn_relu_max_pool_reference, _bn_relu_max_po
 _register_autograd(bn_relu_mean, bn_relu_mean_reference, _bn_relu_mean_backward)
 
 
-def _norm_args(x: Tensor, norm: nn.Module) -> tuple:
-    """(mean, invstd, gamma, beta, training) of ``norm`` on x; with batch statistics, its running stats move as
-    in F.batch_norm."""
-    acc = acc_dtype(x.dtype)
-    gamma, beta = bn.affine(norm, acc, x.device)
-    if not bn.uses_batch_stats(norm):
-        return (*bn.running_stats(norm, acc), gamma, beta, False)
-    instance = bn.is_instance(norm)
-    with torch.no_grad():
-        mean, var = _batch_stats(x, None, instance)
-    bn.update_running_stats(norm, mean, var, bn.stats_count(x, instance))
-    return mean, torch.rsqrt(var + norm.eps), gamma, beta, True
-
-
 def norm_relu_max_pool(x: Tensor, norm: nn.Module) -> Tensor:
     """``pool0(relu0(norm0(x)))`` on conv0's output x; backward saves x and the statistics only."""
-    return bn_relu_max_pool(x, *_norm_args(x, norm))
+    stats, training, _ = norm_inputs(norm, x, "DenseNet stem")  # fused only unsynchronized (``fusable``)
+    return bn_relu_max_pool(x, *stats, training)
 
 
 def norm_relu_mean(x: Tensor, norm: nn.Module) -> Tensor:
     """``flatten(adaptive_avg_pool(relu(norm5(x)), 1), 1)`` on the last block's buffer x; backward saves x and
     the statistics only."""
-    return bn_relu_mean(x, *_norm_args(x, norm))
+    stats, training, _ = norm_inputs(norm, x, "DenseNet head")
+    return bn_relu_mean(x, *stats, training)
 
 
 def fusable(features: nn.Module, spatial_dims: int) -> tuple[bool, bool]:
