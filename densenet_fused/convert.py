@@ -11,7 +11,7 @@ from torchvision.models import densenet as tv
 
 from . import norm as bn
 from . import tracing
-from .block import _DenseBlock, _DenseLayer, _Transition, layer_types
+from .block.modules import _DenseBlock, _DenseLayer, _Transition, layer_types
 from .models import DenseNet
 
 _MONAI_DENSENETS = ("DenseNet", "DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264")

@@ -13,7 +13,7 @@ from torchvision.models._utils import handle_legacy_interface
 from . import distributed
 from . import norm as bn
 from . import stem_head, tracing
-from .block import _DenseBlock, _Transition, layer_types, norm_factory
+from .block.modules import _DenseBlock, _Transition, layer_types, norm_factory
 
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 

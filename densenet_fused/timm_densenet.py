@@ -4,7 +4,7 @@ fused layers' ``memory_efficient`` (timm's own only finds timm's DenseLayer).  I
 import torch
 from timm.models import densenet as timm_densenet
 
-from .block import _DenseLayer
+from .block.modules import _DenseLayer
 
 
 class DenseNet(timm_densenet.DenseNet):

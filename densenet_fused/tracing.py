@@ -55,7 +55,7 @@ def register_timm_leaves() -> None:
         return
     from timm.layers import register_notrace_module
 
-    from .block import _DenseBlock, _DenseLayer, _Transition
+    from .block.modules import _DenseBlock, _DenseLayer, _Transition
 
     for leaf in (_DenseBlock, _DenseLayer, _Transition):
         register_notrace_module(leaf)

@@ -6,7 +6,8 @@ from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 from torchvision.models.densenet import _DenseLayer as TorchvisionLayer
 
 import densenet_fused
-from densenet_fused import block as block_module
+from densenet_fused.block import autograd as block_autograd
+from densenet_fused.block import ops as block_ops
 
 
 def _block(num_layers=3, channels=4, bn_size=2, growth=3, drop_rate=0.0, memory_efficient=True):
@@ -67,13 +68,13 @@ def test_no_concatenation_anywhere(monkeypatch):
 def test_statistics_computed_once_per_channel(monkeypatch):
     """norm1 statistics: once per channel for the whole block (C0 + L*k), not once per layer."""
     seen = []
-    real = block_module.channel_stats
+    real = block_ops.channel_stats
 
     def counting(x):
         seen.append(x.size(1))
         return real(x)
 
-    monkeypatch.setattr(block_module, "channel_stats", counting)
+    monkeypatch.setattr(block_ops, "channel_stats", counting)
     block = _block(num_layers=5, channels=4, bn_size=2, growth=3)
     block(torch.randn(2, 4, 5, 5, dtype=torch.float64))
     bottleneck_stats = [6] * 5  # norm2 of each layer sees its own 2*3-channel bottleneck
@@ -139,13 +140,13 @@ def test_block_ops_pass_opcheck(monkeypatch, case):
     """The block's two custom ops: schema, fake (exact strides, as inductor requires) and dynamic shapes."""
     recorded = {}
     for name in ("dense_block", "dense_block_backward"):
-        op = getattr(block_module, name)
+        op = getattr(block_autograd, name)
 
         def recording(*args, op=op, name=name):
             recorded[name] = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, args)
             return op(*args)
 
-        monkeypatch.setattr(block_module, name, recording)
+        monkeypatch.setattr(block_autograd, name, recording)
     block = _block(memory_efficient=case != "keep_bottleneck_dropout", drop_rate=0.3 * (case == "keep_bottleneck_dropout"))
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     if case == "eval":
