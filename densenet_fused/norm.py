@@ -63,6 +63,29 @@ def update_running_stats(norm, mean: torch.Tensor, var: torch.Tensor, count) -> 
     norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype) * factor)
 
 
+def update_running_stats_of(norms: list, means: list, variances: list, count) -> None:
+    """``update_running_stats`` of many norms, with one foreach op per step for every BatchNorm that tracks running
+    statistics with a float ``momentum`` (and a plain int ``count``): a block's norms in a few launches, not
+    several per norm.  Any other norm (instance norms, ``momentum=None``, a synchronized count) runs alone."""
+    fast = {}
+    for norm, mean, var in zip(norms, means, variances):
+        if not (norm.training and norm.track_running_stats):
+            continue
+        plain = not is_instance(norm) and norm.running_mean is not None and norm.num_batches_tracked is not None
+        if plain and norm.momentum is not None and isinstance(count, int):
+            fast.setdefault(norm.momentum, []).append((norm, mean, var))
+        else:
+            update_running_stats(norm, mean, var, count)
+    with torch.no_grad():
+        for momentum, group in fast.items():
+            norms, means, variances = zip(*group)
+            torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
+            for running, batch, scale in (("running_mean", means, 1.0), ("running_var", variances, count / (count - 1))):
+                buffers = [getattr(norm, running) for norm in norms]
+                torch._foreach_mul_(buffers, 1 - momentum)
+                torch._foreach_add_(buffers, batch, alpha=momentum * scale)
+
+
 def running_stats(norm, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(running mean, 1 / sqrt(running var + eps)) of a norm in the accumulation dtype: its eval-mode statistics."""
     return norm.running_mean.to(dtype), torch.rsqrt(norm.running_var + norm.eps).to(dtype)

@@ -7,7 +7,7 @@ from torchvision.models.densenet import _DenseLayer as TorchvisionLayer
 
 import densenet_fused
 from densenet_fused.block import autograd as block_autograd
-from densenet_fused.block import ops as block_ops
+from densenet_fused.backends import OpKernels
 
 
 def _block(num_layers=3, channels=4, bn_size=2, growth=3, drop_rate=0.0, memory_efficient=True):
@@ -68,13 +68,13 @@ def test_no_concatenation_anywhere(monkeypatch):
 def test_statistics_computed_once_per_channel(monkeypatch):
     """norm1 statistics: once per channel for the whole block (C0 + L*k), not once per layer."""
     seen = []
-    real = block_ops.channel_stats
+    real = OpKernels.stats
 
-    def counting(x):
+    def counting(self, x):
         seen.append(x.size(1))
-        return real(x)
+        return real(self, x)
 
-    monkeypatch.setattr(block_ops, "channel_stats", counting)
+    monkeypatch.setattr(OpKernels, "stats", counting)
     block = _block(num_layers=5, channels=4, bn_size=2, growth=3)
     block(torch.randn(2, 4, 5, 5, dtype=torch.float64))
     bottleneck_stats = [6] * 5  # norm2 of each layer sees its own 2*3-channel bottleneck

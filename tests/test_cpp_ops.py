@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision
 
+from densenet_fused.ops._backend import config
 import densenet_fused
 from densenet_fused.ops import PRIMITIVES, _backend
 from densenet_fused.ops.layout import broadcast, is_channels_last
@@ -368,7 +369,7 @@ def test_opcheck_cpp_ops(layout, spatial):
 @pytest.mark.parametrize("spatial", OPCHECK_SPATIAL, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_public_ops_on_cpp_backend(layout, spatial, monkeypatch):
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "cpp")
+    monkeypatch.setattr(config, "backend", "cpp")
     cases = _opcheck_cases(layout, spatial)
     for op in OPS:
         # the public custom op takes the kernel's arguments, then the ones only autograd reads (``training``)
@@ -398,11 +399,11 @@ def _train_steps(model, x, target, steps):
 @pytest.mark.parametrize("memory_efficient", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_model_matches_torchvision_float64(memory_efficient, layout, monkeypatch):
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "cpp")
-    config = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    monkeypatch.setattr(config, "backend", "cpp")
+    arch = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
     torch.manual_seed(0)
-    ours = densenet_fused.DenseNet(**config, memory_efficient=memory_efficient).double()
-    theirs = torchvision.models.DenseNet(**config).double()
+    ours = densenet_fused.DenseNet(**arch, memory_efficient=memory_efficient).double()
+    theirs = torchvision.models.DenseNet(**arch).double()
     theirs.load_state_dict(ours.state_dict())
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     ours, theirs = ours.to(memory_format=fmt), theirs.to(memory_format=fmt)

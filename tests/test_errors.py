@@ -92,12 +92,14 @@ def test_block_single_value_per_channel():
 def test_forced_backend_errors(monkeypatch):
     from densenet_fused.ops import channel_stats
 
+    from densenet_fused.ops._backend import config
+
     x = torch.randn(2, 3, 4, 4)
     monkeypatch.setenv("DENSENET_FUSED_BACKEND", "cuda")
     with pytest.raises(ValueError, match="must be one of"):
-        channel_stats(x)
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        config.reload()
+    monkeypatch.setattr(config, "backend", "triton")
+    monkeypatch.setattr(config, "interpret", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         channel_stats(x)
 

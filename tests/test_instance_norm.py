@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd import gradgradcheck
 from twins import assert_lockstep, randomize_affine
 
+from densenet_fused.ops._backend import config
 import densenet_fused
 from densenet_fused import ops
 from densenet_fused.ops import _triton as tr
@@ -74,7 +75,7 @@ def _no_fallback(*args):
 @pytest.mark.parametrize("spatial", SPATIAL, ids=str)
 @pytest.mark.parametrize("name", PRIMITIVES)
 def test_reference_is_torch_instance_norm(name, spatial, monkeypatch):
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "reference")
+    monkeypatch.setattr(config, "backend", "reference")
     x, gamma, beta, weight = _problem(name, spatial, "contiguous", torch.float64)
     ours = _run(name, x, gamma, beta, weight)
     truth = _truth(name, x, gamma, beta, weight)
@@ -91,9 +92,9 @@ def test_reference_is_torch_instance_norm(name, spatial, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_match_reference_with_per_sample_stats(backend, name, layout, dtype, monkeypatch):
     spatial = (6, 5)
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "reference")
+    monkeypatch.setattr(config, "backend", "reference")
     expected = _run(name, *_problem(name, spatial, layout, dtype))
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", backend)
+    monkeypatch.setattr(config, "backend", backend)
     for op in OPS:  # a launcher that quietly fell back to its reference would fail
         monkeypatch.setattr(inspect.getmodule(op.reference), op.reference.__name__, _no_fallback)
     actual = _run(name, *_problem(name, spatial, layout, dtype))
@@ -111,7 +112,7 @@ def test_backward_accumulates_per_sample_gradients_in_place(backend, monkeypatch
     grad_y = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     results = {}
     for name in ("reference", backend):
-        monkeypatch.setenv("DENSENET_FUSED_BACKEND", name)
+        monkeypatch.setattr(config, "backend", name)
         grad_buffer = torch.arange(3 * 10 * 30, dtype=torch.float64).reshape(3, 10, 5, 6)
         grads = ops.bn_relu_conv1x1_backward(grad_y, x, mean, torch.rsqrt(var + EPS), gamma, beta, weight, grad_buffer, True)
         results[name] = [grad_buffer, *grads]
@@ -128,7 +129,7 @@ def test_instance_norm_block_on_triton_kernels_matches_reference(monkeypatch):
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
     results = {}
     for backend in ("reference", "triton"):
-        monkeypatch.setenv("DENSENET_FUSED_BACKEND", backend)
+        monkeypatch.setattr(config, "backend", backend)
         leaf = x.clone().requires_grad_()
         out = block(leaf)
         grads = torch.autograd.grad(out.square().sum(), [leaf, *block.parameters()])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import _Transition as TorchvisionTransition
 
+from densenet_fused.ops._backend import config
 from densenet_fused import ops
 from densenet_fused.ops.bn_relu import bn_relu_backward_reference, bn_relu_reference
 from densenet_fused.ops.bn_relu_conv1x1 import bn_relu_conv1x1_backward_reference, bn_relu_conv1x1_reference
@@ -123,7 +124,7 @@ def test_transition_against_torchvision(size, training):
 @pytest.mark.parametrize("shape,channels_last", [((2, 5, 4, 3), False), ((2, 5, 4, 3), True), ((2, 5, 4, 2, 3), True)])
 def test_opcheck_public_ops_on_reference(monkeypatch, shape, channels_last):
     """opcheck also compares the fakes' strides with the real outputs', layout included."""
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "reference")
+    monkeypatch.setattr(config, "backend", "reference")
     x, gamma, beta = _inputs(shape, channels_last)
     mean, _, invstd = _stats(x, True)
     weight = torch.randn(4, 5, dtype=torch.float64)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torchvision
 
+from densenet_fused.ops._backend import config
 import densenet_fused
 from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
@@ -271,7 +272,7 @@ def test_bn_relu_pool_conv1x1_other_ranks(shape):
 @pytest.fixture
 def triton_calls(monkeypatch, no_fallback):
     """Force the Triton backend and record which Triton launchers run."""
-    monkeypatch.setenv("DENSENET_FUSED_BACKEND", "triton")
+    monkeypatch.setattr(config, "backend", "triton")
     calls = []
     for op in OPS:
         launcher = op.kernels["triton"]
@@ -281,6 +282,16 @@ def triton_calls(monkeypatch, no_fallback):
             return _launcher(*args, **kwargs)
 
         monkeypatch.setitem(op.kernels, "triton", spy)
+    real_launch = tr.launch
+
+    def launch_spy(kernel, *args, **kwargs):
+        function = kernel
+        while hasattr(function, "fn"):
+            function = function.fn
+        calls.append(function.__name__)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "launch", launch_spy)
     return calls
 
 
@@ -293,7 +304,8 @@ def test_custom_ops_dispatch_to_triton_and_autograd(triton_calls):
     weight = random_like(torch.empty(4, 7, device=DEVICE), seed=3).requires_grad_()
     out = densenet_fused.ops.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight, False)
     grads = torch.autograd.grad(out, (x, gamma, beta, weight), random_like(out))
-    assert triton_calls == ["bn_relu_conv1x1_triton", "bn_relu_conv1x1_backward_triton"]
+    launchers = [name for name in triton_calls if name.endswith("_triton")]
+    assert launchers == ["bn_relu_conv1x1_triton", "bn_relu_conv1x1_backward_triton"]
     reference = REF["bn_relu_conv1x1"]
     expected = torch.func.vjp(lambda *a: reference(a[0], mean, invstd, a[1], a[2], a[3]), x, gamma, beta, weight)
     assert_close(out, expected[0], torch.float32)
@@ -311,17 +323,34 @@ def test_empty_inputs_run_the_reference():
 
 
 @pytest.mark.usefixtures("no_fallback")
-def test_tf32_is_opt_in(monkeypatch):
-    assert tr.input_precision(torch.float32) == "ieee"
-    assert tr.input_precision(torch.float16) == "ieee"
-    monkeypatch.setenv(tr.TF32_ENV, "1")
-    assert tr.input_precision(torch.float32) == "tf32"
-    _, x = feature_buffer((2, 40, 5, 7), 37, "nchw", torch.float32)
-    mean, invstd, gamma, beta = bn_params(37)
-    weight = random_like(torch.empty(8, 37, device=DEVICE), seed=3)
-    out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    want = REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight)
-    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # TF32 keeps a 10-bit mantissa
+def test_tf32_follows_torch_convolution_precision():
+    """float32 1x1 convs use TF32 exactly where torch's cuDNN convolutions would (conv.fp32_precision, deferring
+    to cudnn's and torch's own when "none"; the legacy allow_tf32 maps onto them); other dtypes never."""
+    levels = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
+    saved = [level.fp32_precision for level in levels]
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # the legacy flag, torch's default (this file's fixture clears it)
+        assert tr.input_precision(torch.float32) == "tf32"
+        torch.backends.cudnn.allow_tf32 = False
+        assert tr.input_precision(torch.float32) == "ieee"
+        levels[0].fp32_precision = "tf32"
+        assert tr.input_precision(torch.float32) == "tf32"
+        assert tr.input_precision(torch.float16) == tr.input_precision(torch.float64) == "ieee"
+        levels[0].fp32_precision = "ieee"
+        assert tr.input_precision(torch.float32) == "ieee"
+        levels[0].fp32_precision = "none"  # defers to cudnn's, then torch's ("none" throughout: IEEE)
+        assert tr.input_precision(torch.float32) == "ieee"
+        levels[1].fp32_precision = "tf32"
+        assert tr.input_precision(torch.float32) == "tf32"
+        _, x = feature_buffer((2, 40, 5, 7), 37, "nchw", torch.float32)
+        mean, invstd, gamma, beta = bn_params(37)
+        weight = random_like(torch.empty(8, 37, device=DEVICE), seed=3)
+        out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
+        want = REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight)
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # TF32 keeps a 10-bit mantissa
+    finally:
+        for level, value in zip(reversed(levels), reversed(saved)):
+            level.fp32_precision = value
 
 
 def test_autotune_spaces_per_family():
@@ -415,9 +444,9 @@ def test_dense_block_matches_torchvision(triton_calls, layout):
         _compare(p.grad, q.grad, 1e-4, name)
     for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
         _compare(b.float(), c.float(), 1e-5, name)
-    assert set(triton_calls) >= {
-        "channel_stats_triton", "bn_relu_conv1x1_triton", "bn_relu_triton",
-        "bn_relu_backward_triton", "bn_relu_conv1x1_backward_triton",
+    assert set(triton_calls) == {  # the block launches its kernels itself, never through the primitive ops
+        "_stats_pass_kernel", "finalize_stats_kernel", "_conv1x1_forward_kernel", "_bn_relu_kernel",
+        "_bn_relu_backward_kernel", "_conv1x1_weight_grad_kernel", "_conv1x1_input_grad_kernel",
     }  # fmt: skip
 
 

@@ -12,8 +12,8 @@ from .. import distributed
 from ..ops._autograd import as_batch_stats, grad_leaves
 from ..ops.bn_relu import bn_relu_reference
 from ..ops.bn_relu_conv1x1 import bn_relu_conv1x1_reference
-from .ops import _apply_dropout, _conv3x3, _norm_inputs, dense_block, dense_block_backward, dense_block_backward_
-from .plan import _plans, _running_stats, _unflatten
+from .ops import conv3x3, dense_block, dense_block_backward, dense_block_backward_, drop_scale
+from .plan import _plans, _unflatten, layer_norms
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -142,18 +142,17 @@ def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params,
     with torch.enable_grad():
         leaves = grad_leaves([buf[:, : sum(ctx.input_channels)], *params])
         x, layers = leaves[0], _unflatten(leaves[1:])
-        for l, (plan, p, (running1, running2)) in enumerate(zip(plans, layers, _running_stats(plans, running))):
-            c = x.size(1)
-            m1, is1 = _norm_inputs(plan.eps1, mean[..., :c], var[..., :c], running1)
-            if running1 is None:
+        for plan, p, (norm1, norm2) in zip(plans, layers, layer_norms(plans, layers, running, mean, var, mean2, var2)):
+            m1, is1 = norm1.with_invstd(mean.dtype)[:2]
+            if plan.training1:
                 m1, is1 = as_batch_stats(x, m1, is1)
-            bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1))
-            m2, is2 = _norm_inputs(plan.eps2, mean2[l], var2[l], running2)
-            if running2 is None:
+            bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1).to(x.dtype))
+            m2, is2 = norm2.with_invstd(mean.dtype)[:2]
+            if plan.training2:
                 m2, is2 = as_batch_stats(bottleneck, m2, is2)
-            new = _conv3x3(bn_relu_reference(bottleneck, m2, is2, p.gamma2, p.beta2), p.conv2)
+            new = conv3x3(bn_relu_reference(bottleneck, m2, is2, p.gamma2, p.beta2), p.conv2)
             if plan.drop > 0:
-                new = _apply_dropout(new, next(masks), plan.drop)
+                new = new * next(masks) * drop_scale(plan.drop)
             x = torch.cat([x, new], 1)
         grads = torch.autograd.grad(x, leaves, grad_buf, create_graph=True, allow_unused=True, materialize_grads=True)
     return grads[0], grads[1:]

@@ -48,10 +48,10 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
             if batch:
                 batch_norms.append(norm)
             else:
-                running += bn.running_stats(norm, acc)
+                running += (norm.running_mean, norm.running_var)
         gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
         gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
-        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight.to(dtype), gamma2, beta2, layer.conv2.weight.to(dtype)))
+        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight, gamma2, beta2, layer.conv2.weight))
     sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
@@ -64,10 +64,16 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
     buf, mean, var, mean2, var2 = function.apply(
         len(inputs), sizes, _plan_args(plans), group, instance, group_count, *inputs, *params, *running, *masks
     )
+    norms, means, variances = [], [], []
     for l, layer in enumerate(layers):
-        channels = layer.norm1.num_features
         if plans[l].training1:
-            bn.update_running_stats(layer.norm1, mean[..., :channels], var[..., :channels], count)
+            channels = layer.norm1.num_features
+            norms.append(layer.norm1)
+            means.append(mean.narrow(-1, 0, channels))
+            variances.append(var.narrow(-1, 0, channels))
         if plans[l].training2:
-            bn.update_running_stats(layer.norm2, mean2[l], var2[l], count)
+            norms.append(layer.norm2)
+            means.append(mean2[l])
+            variances.append(var2[l])
+    bn.update_running_stats_of(norms, means, variances, count)
     return buf

@@ -6,7 +6,8 @@ from torch import Tensor, nn
 from .. import distributed
 from .. import norm as bn
 from ..ops.layout import acc_dtype
-from .ops import _batch_stats
+from ..ops import channel_stats
+from ..ops.channel_stats import instance_stats
 
 
 def _check_input(inputs: list, expected_channels: int, weight: Tensor, what: str) -> torch.dtype:
@@ -70,6 +71,15 @@ def _batch_group(norms: list, size: torch.Size, x: Tensor, instance: bool, what:
         return None, local_count
     count = distributed.global_count(local_count, x.device, group)
     return distributed.BatchNormSync(group, count), count
+
+
+def _batch_stats(x: Tensor, sync, instance: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x's batch, or with a ``sync`` hook of the group's batch;
+    per sample and channel ([N, C]) for instance norms."""
+    if instance:
+        return instance_stats(x)
+    mean, var = channel_stats(x)
+    return (mean, var) if sync is None else sync.stats(x, mean, var)
 
 
 def norm_inputs(norm: nn.Module, x: Tensor, what: str) -> tuple[tuple, bool, object]:

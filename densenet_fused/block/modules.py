@@ -11,7 +11,6 @@ from .. import tracing
 from ..ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward
 from .forward import dense_layers_forward
 from .inputs import _check_input, norm_inputs
-from .ops import _synchronize_
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ class _SyncTransitionFunction(torch.autograd.Function):
         grad_x, grad_weight, grad_gamma, grad_beta = bn_relu_pool_conv1x1_backward(
             grad_y, x, mean, invstd, gamma, beta, weight, False
         )
-        _synchronize_(ctx.sync, True, grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma)
+        ctx.sync.backward_(grad_x, x, mean, invstd, gamma, grad_beta, grad_gamma)
         return None, grad_x, None, None, grad_gamma, grad_beta, grad_weight
 
 

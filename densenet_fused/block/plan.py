@@ -5,6 +5,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from ..ops._norm_args import NormArgs
+
 
 @dataclass(frozen=True)
 class _LayerPlan:
@@ -41,11 +43,17 @@ def _unflatten(flat: list) -> list[_LayerParams]:
     return [_LayerParams(*flat[i : i + n]) for i in range(0, len(flat), n)]
 
 
-def _running_stats(plans: list["_LayerPlan"], running: list[Tensor]) -> list[tuple]:
-    """Per layer, (mean, invstd) of norm1 and of norm2 from the flat ``running`` list, None where a norm uses
-    batch statistics (``running`` holds only the others, in layer order)."""
-    stats = iter(running)
-    return [tuple(None if training else (next(stats), next(stats)) for training in (plan.training1, plan.training2)) for plan in plans]
+def layer_norms(plans, layers, running, mean, var, mean2, var2) -> list[tuple[NormArgs, NormArgs]]:
+    """Per layer, (norm1, norm2) as the kernels take them: the batch statistics of the layer's input channels
+    (mean, var: the block's, [C] or per sample [N, C]) and of its bottleneck (mean2[l], var2[l]), or the running
+    statistics from the flat ``running`` list (mean, var of each norm that uses them, in layer order)."""
+    stats, norms = iter(running), []
+    for l, (plan, p) in enumerate(zip(plans, layers)):
+        c = p.conv1.size(1)
+        first = (next(stats), next(stats)) if not plan.training1 else (mean.narrow(-1, 0, c), var.narrow(-1, 0, c))
+        second = (next(stats), next(stats)) if not plan.training2 else (mean2[l], var2[l])
+        norms.append((NormArgs(*first, p.gamma1, p.beta1, plan.eps1), NormArgs(*second, p.gamma2, p.beta2, plan.eps2)))
+    return norms
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(_LayerPlan))

@@ -7,11 +7,11 @@ dispatcher picks it by the tensors' device; other devices, and CPU tensors when 
 built, run the reference.  ``DENSENET_FUSED_BACKEND=reference|cpp|triton`` forces one everywhere; a
 forced backend that cannot run on the tensor raises instead of silently running something else.
 
-The settings (``DENSENET_FUSED_BACKEND``, ``DENSENET_FUSED_TF32``, ``TRITON_INTERPRET``) are read in one
-place, ``config``, from ``os.environ`` each time one is used: the backend when an op dispatches, TF32
-when a GEMM launches, TRITON_INTERPRET when a launcher picks its block sizes.  A change applies from the
-next call.  (Triton itself, and the autotuning spaces of ``_conv1x1_triton``, read TRITON_INTERPRET
-when they are imported: set it before that.)
+The settings (``DENSENET_FUSED_BACKEND``, ``TRITON_INTERPRET``) are read once, when this module is
+imported, into ``config``: the hot path reads no environment.  Assign ``config.backend`` (or call
+``config.reload()`` after changing the environment) to switch later.  Triton itself reads
+TRITON_INTERPRET when it is imported: set it before that.  The precision of float32 GEMMs follows
+torch's own flags (see ``_triton.input_precision``).
 """
 
 import importlib
@@ -24,29 +24,24 @@ import torch
 BACKENDS = ("reference", "cpp", "triton")
 DEVICE_BACKENDS = {"cpu": "cpp", "cuda": "triton"}
 BUILD_COMMAND = "pip install -e . --no-build-isolation"
-TF32_ENV = "DENSENET_FUSED_TF32"
 
 
 class Config:
-    """The environment settings, read from ``os.environ`` whenever one is used (see the module docstring)."""
+    """The environment settings, read once (see the module docstring); assign ``backend`` to override."""
 
-    @property
-    def backend(self) -> str:
-        """The forced backend (``DENSENET_FUSED_BACKEND``), or "" for the device's own."""
-        forced = os.environ.get("DENSENET_FUSED_BACKEND", "")
-        if forced and forced not in BACKENDS:
-            raise ValueError(f"DENSENET_FUSED_BACKEND must be one of {BACKENDS}, got {forced!r}")
-        return forced
+    def __init__(self) -> None:
+        self.reload()
 
-    @property
-    def tf32(self) -> bool:
-        """``DENSENET_FUSED_TF32=1``: float32 Triton GEMMs use TF32 instead of IEEE fp32."""
-        return os.environ.get(TF32_ENV, "0") == "1"
+    def reload(self) -> None:
+        """Read ``DENSENET_FUSED_BACKEND`` (the forced backend, "" for each device's own) and ``TRITON_INTERPRET``
+        (Triton kernels run on CPU tensors through Triton's interpreter) from the environment."""
+        self.backend = os.environ.get("DENSENET_FUSED_BACKEND", "")
+        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
-    @property
-    def interpret(self) -> bool:
-        """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through Triton's interpreter."""
-        return os.environ.get("TRITON_INTERPRET") == "1"
+    def __setattr__(self, name, value):
+        if name == "backend" and value not in ("", *BACKENDS):
+            raise ValueError(f"DENSENET_FUSED_BACKEND must be one of {BACKENDS}, got {value!r}")
+        super().__setattr__(name, value)
 
 
 config = Config()

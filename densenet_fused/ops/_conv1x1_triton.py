@@ -5,7 +5,7 @@ PD x PH x PW a constexpr (1x1x1 for the dense layer's conv, 2 per spatial dim fo
 
 * forward GEMM   Y[:, q] = W @ Z[:, q], Z = avgpool(relu(x * scale + shift)) computed per loaded tile
                  (re-masked after the ReLU: relu(shift) is not 0 in masked rows), fp32 accumulation
-                 (fp64 for fp64 inputs);
+                 (fp64 for fp64 inputs); optionally the batch statistics of Y in its epilogue;
 * weight grad    dW = sum_q dY[:, q] Z[:, q]^T, split-K over the N*H*W pixels into [splits, B, C]
                  partials summed by torch (deterministic);
 * input grad     dA = (W^T dY) * (z > 0) with the ReLU mask recomputed from the buffer; REDUCE forms
@@ -13,17 +13,19 @@ PD x PH x PW a constexpr (1x1x1 for the dense layer's conv, 2 per spatial dim fo
                  gamma * invstd * (dA - mean(dA) - x_hat * mean(dA * x_hat)) (training) or
                  gamma * invstd * dA (eval), added in place into grad_buffer[:, :C] (ACCUMULATE) or
                  stored.  Training runs REDUCE then APPLY (dA is recomputed, K = B is small, so no
-                 scratch at all); eval runs both in one pass.  When pooling, it also visits the
+                 scratch at all; APPLY sums the REDUCE partials itself); eval runs both in one pass.  When pooling, it also visits the
                  row/column the floor cuts off (odd sizes) so grad_x is written everywhere (in training
                  those pixels still get the BatchNorm mean terms).
 
-fp32 inputs use IEEE fp32 dots unless DENSENET_FUSED_TF32=1; fp16/bf16 tiles feed the tensor cores
-directly (Z is rounded to the input dtype before the dot, as the reference rounds its activation).
+fp32 inputs use TF32 or IEEE fp32 dots as torch's convolution precision says (``_tr.input_precision``);
+fp16/bf16 tiles feed the tensor cores directly (Z is rounded to the input dtype before the dot, as the
+reference rounds its activation).  The weight may stay float32 under autocast: tiles are cast as loaded.
 """
 
 import torch
 
 from . import _triton as _tr
+from .channel_stats import finalize_stats
 from .layout import acc_dtype
 
 if _tr.TRITON_AVAILABLE:
@@ -91,6 +93,7 @@ if _tr.TRITON_AVAILABLE:
             ("mma", True, 64, 64, 64, 4, 3),
             ("mma", False, 128, 256, 32, 8, 3),
             ("mma", True, 64, 256, 32, 8, 3),
+            ("mma", True, 64, 64, 32, 4, 2),
             ("fma32", True, 64, 128, 16, 8, 2),
             ("fma32", True, 128, 64, 16, 8, 2),
             ("fma32", True, 64, 64, 16, 8, 2),
@@ -151,39 +154,59 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.autotune(
         configs=_FORWARD_CONFIGS,
-        key=["C_KEY", "B", "Q_KEY", "LAYOUT_KEY", "PW", "PREC"],
+        key=["C_KEY", "B", "Q_KEY", "LAYOUT_KEY", "PW", "PREC", "STATS"],
         prune_configs_by={"early_config_prune": _prune_forward},
     )
     @triton.jit
     def _conv1x1_forward_kernel(
-        x_ptr, scale_ptr, shift_ptr, w_ptr, y_ptr,
+        x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, w_ptr, y_ptr, part_ptr,
         C, B, Q, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
         sxn, sxc, sxd, sxh, sxw,
         swb, swc,
         syn, syb, syd, syh, syw,
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+        VAR: tl.constexpr, STATS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        """Program (i, j) computes output channels j * BLOCK_B.. for its share of the pixel tiles (the grid
+        caps the programs along pixels, ``forward_programs``); with STATS it also reduces the (mean, M2) of its
+        outputs, as stored (rounded to y's dtype), into part[i, 0/1, B]: the next norm's batch statistics."""
+        pid_q = tl.program_id(0)
         offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_q = offs_q < Q
         mask_b = offs_b < B
-        n, od, oh, ow = _tr.pixel_coords(offs_q, OD, OH, OW)
-        x_base = n * sxn + (od * PD) * sxd + (oh * PH) * sxh + (ow * PW) * sxw
-        acc = tl.zeros([BLOCK_B, BLOCK_Q], dtype=ACC)
-        for k0 in range(0, C, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C
-            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-            z = _bn_relu_pool_tile(
-                x_ptr, offs_k, mask_k, sxc, x_base, mask_q, sxd, sxh, sxw, scale, shift, PD, PH, PW, ACC, BLOCK_K, BLOCK_Q
-            )
-            w_mask = mask_b[:, None] & mask_k[None, :]
-            w = tl.load(w_ptr + offs_b[:, None] * swb + offs_k[None, :] * swc, mask=w_mask, other=0.0)
-            acc = tl.dot(w, z.to(w.dtype), acc, input_precision=PREC)
-        y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * syb + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_q[None, :])
+        tiles = tl.cdiv(Q, BLOCK_Q)
+        per = tl.cdiv(tiles, tl.num_programs(0))
+        q_start = pid_q * per * BLOCK_Q
+        q_end = tl.minimum(q_start + per * BLOCK_Q, Q)
+        count = tl.zeros([BLOCK_B], dtype=ACC)
+        mean = tl.zeros([BLOCK_B], dtype=ACC)
+        m2 = tl.zeros([BLOCK_B], dtype=ACC)
+        for q0 in range(q_start, q_end, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            mask_q = offs_q < q_end
+            n, od, oh, ow = _tr.pixel_coords(offs_q, OD, OH, OW)
+            x_base = n * sxn + (od * PD) * sxd + (oh * PH) * sxh + (ow * PW) * sxw
+            acc = tl.zeros([BLOCK_B, BLOCK_Q], dtype=ACC)
+            for k0 in range(0, C, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < C
+                _, _, scale, shift = _tr.load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_k, mask_k, VAR, ACC)
+                z = _bn_relu_pool_tile(
+                    x_ptr, offs_k, mask_k, sxc, x_base, mask_q, sxd, sxh, sxw, scale, shift, PD, PH, PW, ACC, BLOCK_K, BLOCK_Q
+                )
+                w_mask = mask_b[:, None] & mask_k[None, :]
+                w = tl.load(w_ptr + offs_b[:, None] * swb + offs_k[None, :] * swc, mask=w_mask, other=0.0)
+                w = w.to(x_ptr.dtype.element_ty)
+                acc = tl.dot(w, z.to(w.dtype), acc, input_precision=PREC)
+            y = acc.to(y_ptr.dtype.element_ty)
+            mask = mask_b[:, None] & mask_q[None, :]
+            y_ptrs = y_ptr + offs_b.to(tl.int64)[:, None] * syb + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
+            tl.store(y_ptrs, y, mask=mask)
+            if STATS:
+                count, mean, m2 = _tr.tile_stats(y.to(ACC), mask, count, mean, m2, ACC)
+        if STATS:
+            tl.store(part_ptr + (2 * pid_q) * B + offs_b, mean, mask=mask_b)
+            tl.store(part_ptr + (2 * pid_q + 1) * B + offs_b, m2, mask=mask_b)
 
     @triton.autotune(
         configs=_WEIGHT_GRAD_CONFIGS,
@@ -192,20 +215,19 @@ if _tr.TRITON_AVAILABLE:
     )
     @triton.jit
     def _conv1x1_weight_grad_kernel(
-        dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr,
+        dy_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, part_ptr,
         C, B, Q, chunk, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
         sdn, sdb, sdd, sdh, sdw,
         sxn, sxc, sxd, sxh, sxw,
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        VAR: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         pid_s = tl.program_id(2)
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_b = offs_b < B
         mask_c = offs_c < C
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        _, _, scale, shift = _tr.load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_c, mask_c, VAR, ACC)
         dy_rows = dy_ptr + offs_b.to(tl.int64)[:, None] * sdb
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
         q_start = pid_s * chunk
@@ -226,8 +248,9 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.jit
     def _conv1x1_input_grad_kernel(
-        dy_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c1_ptr, c2_ptr, gx_ptr, sums_ptr,
-        C, B, Q, chunk, D, H, W, OD, OH, OW,
+        dy_ptr, w_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, gx_ptr, sums_ptr,
+        grad_gamma_ptr, grad_beta_ptr,
+        C, B, Q, chunk, D, H, W, OD, OH, OW, count,
         sdn, sdb, sdd, sdh, sdw,
         swb, swc,
         sxn, sxc, sxd, sxh, sxw,
@@ -235,19 +258,22 @@ if _tr.TRITON_AVAILABLE:
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         RD: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
         REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr, ACCUMULATE: tl.constexpr,
-        PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr,
+        VAR: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         """Programs own BLOCK_C channels and one chunk of (pooled) pixels.  Offsets i < PD (etc.) walk the
         pooling window; RD = PD + 1 adds the row the floor cuts off after the last window (its grad_x
         has no dA term but, in training, still the mean terms)."""
         pid_s = tl.program_id(1)
+        splits = tl.num_programs(1)
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         channels = offs_c.to(tl.int64)[:, None]
-        mean, invstd, scale, shift = _tr.load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c)
+        mean, invstd, scale, shift = _tr.load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_c, mask_c, VAR, ACC)
+        mean, invstd, scale, shift = mean[:, None], invstd[:, None], scale[:, None], shift[:, None]
         if TRAINING:
-            c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-            c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+            c1, c2 = _tr.bn_backward_terms(sums_ptr, grad_gamma_ptr, grad_beta_ptr, offs_c, mask_c, C, splits, count, pid_s,
+                                           ACC, BLOCK_C, BLOCK_S)  # fmt: skip
         sum_da = tl.zeros([BLOCK_C], dtype=ACC)
         sum_da_xhat = tl.zeros([BLOCK_C], dtype=ACC)
         q_start = pid_s * chunk
@@ -263,6 +289,7 @@ if _tr.TRITON_AVAILABLE:
                 mask_b = offs_b < B
                 wt_mask = mask_c[:, None] & mask_b[None, :]
                 wt = tl.load(w_ptr + offs_c[:, None] * swc + offs_b[None, :] * swb, mask=wt_mask, other=0.0)
+                wt = wt.to(x_ptr.dtype.element_ty)
                 dy_ptrs = dy_ptr + offs_b.to(tl.int64)[:, None] * sdb + dy_base[None, :]
                 dy = tl.load(dy_ptrs, mask=mask_b[:, None] & mask_q[None, :], other=0.0)
                 dz = tl.dot(wt, dy.to(wt.dtype), dz, input_precision=PREC)
@@ -302,9 +329,8 @@ if _tr.TRITON_AVAILABLE:
                                 gx += tl.load(g_ptrs, mask=mask, other=0.0).to(ACC)
                             tl.store(g_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if REDUCE:
-            splits = tl.num_programs(1)
-            tl.store(sums_ptr + pid_s * C + offs_c, sum_da, mask=mask_c)
-            tl.store(sums_ptr + (splits + pid_s) * C + offs_c, sum_da_xhat, mask=mask_c)
+            tl.store(sums_ptr + (2 * pid_s) * C + offs_c, sum_da, mask=mask_c)
+            tl.store(sums_ptr + (2 * pid_s + 1) * C + offs_c, sum_da_xhat, mask=mask_c)
 
 
 _WEIGHT_GRAD_ALIGN = {"gpu": 128, "interpreter": 64}
@@ -313,11 +339,15 @@ _WEIGHT_GRAD_ALIGN = {"gpu": 128, "interpreter": 64}
 # and fp64 dots hold whole K slices in registers: K = BLOCK_B = 16.  (Each one compiled for sm80/sm90
 # without register spills.)
 _INPUT_GRAD_CONFIG = {
-    "mma": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32, "num_warps": 4, "num_stages": 2},
-    "mma_pool": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 32, "num_warps": 8, "num_stages": 2},
-    "fma": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 16, "num_warps": 8, "num_stages": 2},
-    "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32},
+    "mma": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32, "BLOCK_S": 32, "num_warps": 4, "num_stages": 2},
+    "mma_pool": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 32, "BLOCK_S": 32, "num_warps": 8, "num_stages": 2},
+    "fma": {"BLOCK_C": 32, "BLOCK_Q": 64, "BLOCK_B": 16, "BLOCK_S": 32, "num_warps": 8, "num_stages": 2},
+    "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_B": 32, "BLOCK_S": 64},
 }
+# The forward caps its programs along pixels at this many per SM (each loops over its share of tiles), so
+# that the statistics partials stay few: one finalize program merges them per channel block.
+_FORWARD_PROGRAMS_PER_SM = 2
+_MIN_BLOCK_Q = 64  # the narrowest BLOCK_Q of the forward's configs
 
 
 def _input_grad_config(dtype: torch.dtype, precision: str, pool: bool) -> dict:
@@ -340,8 +370,18 @@ def pool_window(x: torch.Tensor, pool: bool) -> list:
     return [1] * (3 - rank) + [2] * rank if pool else [1, 1, 1]
 
 
-def conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool: bool):
-    """out = weight @ [avgpool2x](relu(bn(x))); the caller allocated ``out`` [N, B, *out_spatial]."""
+def forward_programs(q: int, block_q: int, device: torch.device) -> tuple[int, int]:
+    """(programs, pixels each) along the pixels of a forward launch with tiles of ``block_q`` pixels."""
+    tiles = triton.cdiv(q, block_q)
+    cap = _FORWARD_PROGRAMS_PER_SM * _tr.multiprocessors(device) if device.type == "cuda" else 4
+    programs = min(tiles, cap)
+    return programs, triton.cdiv(tiles, programs) * block_q
+
+
+def conv1x1_forward_triton(x, norm: "_tr.NormArgs", weight, out, pool: bool, stats=None):
+    """out = weight @ [avgpool2x](relu(bn(x))); the caller allocated ``out`` [N, B, *out_spatial].  With
+    ``stats`` = (mean, var), also write the batch statistics of ``out``'s channels there (the GEMM's
+    epilogue reduces them, one small finalize merges them).  ``weight`` may be float32 under autocast."""
     window = pool_window(x, pool)
     if pool:
         sx = _tr.geometry(x, merge=False)[1]
@@ -350,23 +390,29 @@ def conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool: bool
         (od, oh, ow), (sx, sy) = _tr.common_geometry(x, out)
     c, b = x.size(1), weight.size(0)
     q = x.size(0) * od * oh * ow
-    weight = weight.to(x.dtype)
-    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc_dtype(x.dtype))
+    norm_args, flags = norm.kernel_args()
+    cap = forward_programs(q, _MIN_BLOCK_Q, x.device)[0]  # the most programs any config launches
+    part = torch.empty((cap, 2, b), dtype=acc_dtype(x.dtype), device=x.device) if stats is not None else out
 
     def grid(meta):
-        return triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(b, meta["BLOCK_B"])
+        return forward_programs(q, meta["BLOCK_Q"], x.device)[0], triton.cdiv(b, meta["BLOCK_B"])
 
-    with _tr.device_guard(x):
-        _conv1x1_forward_kernel[grid](
-            x, scale, shift, weight, out,
-            c, b, q, *_tune_keys(x, c, q), od, oh, ow,
-            x.stride(0), x.stride(1), *sx, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *sy,
-            PD=window[0], PH=window[1], PW=window[2], PREC=_tr.input_precision(x.dtype), ACC=_tr.acc_type(x.dtype),
-        )  # fmt: skip
+    args = (
+        x, *norm_args, weight, out, part,
+        c, b, q, *_tune_keys(x, c, q), od, oh, ow,
+        x.stride(0), x.stride(1), *sx, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *sy,
+    )  # fmt: skip
+    meta = _tr.launch(
+        _conv1x1_forward_kernel, grid, args, x.device, PD=window[0], PH=window[1], PW=window[2],
+        PREC=_tr.input_precision(x.dtype), ACC=_tr.acc_type(x.dtype), STATS=stats is not None, **flags,
+    )  # fmt: skip
+    if stats is not None:
+        programs, chunk = forward_programs(q, meta["BLOCK_Q"], x.device)
+        finalize_stats(part, programs, q, chunk, *stats)
     return out
 
 
-def conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool: bool, accumulate):
+def conv1x1_backward_triton(grad_y, x, norm: "_tr.NormArgs", weight, grad_x, training, pool: bool, accumulate):
     """(grad_weight, grad_gamma, grad_beta); grad_x (same layout rules as x) is added to or overwritten.
 
     Shared by bn_relu_conv1x1 (accumulate into the block's gradient buffer) and the pooled transition.
@@ -381,11 +427,9 @@ def conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_x
         od, oh, ow = d, h, w
     n, c, b = x.size(0), x.size(1), weight.size(0)
     q_out, count = n * od * oh * ow, n * d * h * w
-    weight_dtype, weight = weight.dtype, weight.to(x.dtype)
     grad_y = grad_y.to(x.dtype)
     acc = acc_dtype(x.dtype)
-    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc)
-    mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    norm_args, flags = norm.kernel_args()
     acc_type = _tr.acc_type(x.dtype)
     precision = _tr.input_precision(x.dtype)
     gpu = "interpreter" if _tr.interpreting() else "gpu"
@@ -406,31 +450,29 @@ def conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_x
     config = _input_grad_config(x.dtype, precision, pool)
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
     x_splits, x_chunk = _tr.num_splits(c_blocks, q_out, config["BLOCK_Q"], x.device)
-    sums = torch.empty((2, x_splits, c), dtype=acc, device=x.device)
+    sums = torch.empty((x_splits, 2, c), dtype=acc, device=x.device)
     odd = [0, 0, 0] if not pool else [s % 2 if p == 2 else 0 for s, p in zip((d, h, w), window)]
 
-    def input_grad(c1, c2, reduce, apply, train):
+    def input_grad(reduce, apply, train, grad_gamma, grad_beta):
         extra = odd if apply else [0, 0, 0]
-        _conv1x1_input_grad_kernel[(c_blocks, x_splits)](
-            grad_y, weight, x, mean_acc, invstd_acc, scale, shift, c1, c2, grad_x, sums,
-            c, b, q_out, x_chunk, d, h, w, od, oh, ow,
+        args = (
+            grad_y, weight, x, *norm_args, grad_x, sums, grad_gamma, grad_beta,
+            c, b, q_out, x_chunk, d, h, w, od, oh, ow, count,
             *dy_args, weight.stride(0), weight.stride(1), *geometry_args, grad_x.stride(0), grad_x.stride(1), *sg,
-            PD=window[0], PH=window[1], PW=window[2],
+        )  # fmt: skip
+        _tr.launch(
+            _conv1x1_input_grad_kernel, (c_blocks, x_splits), args, x.device, PD=window[0], PH=window[1], PW=window[2],
             RD=window[0] + extra[0], RH=window[1] + extra[1], RW=window[2] + extra[2],
             REDUCE=reduce, APPLY=apply, TRAINING=train, ACCUMULATE=accumulate, PREC=precision, ACC=acc_type,
-            **config,
+            **flags, **config,
         )  # fmt: skip
 
-    with _tr.device_guard(x):
-        _conv1x1_weight_grad_kernel[weight_grid](
-            grad_y, x, scale, shift, part,
-            c, b, q_out, chunk, *_tune_keys(x, c, q_out), od, oh, ow,
-            *dy_args, *geometry_args,
-            PD=window[0], PH=window[1], PW=window[2], PREC=precision, ACC=acc_type,
-        )  # fmt: skip
-        grad_gamma, grad_beta = _tr.batch_norm_backward_passes(input_grad, sums, scale, count, training)
+    args = (grad_y, x, *norm_args, part, c, b, q_out, chunk, *_tune_keys(x, c, q_out), od, oh, ow, *dy_args, *geometry_args)
+    _tr.launch(_conv1x1_weight_grad_kernel, weight_grid, args, x.device, PD=window[0], PH=window[1], PW=window[2],
+               PREC=precision, ACC=acc_type, **flags)  # fmt: skip
+    grad_gamma, grad_beta = _tr.batch_norm_backward_passes(input_grad, sums, training)
     grad_weight = part[0] if splits == 1 else part.sum(0)
-    return grad_weight.to(weight_dtype), grad_gamma, grad_beta
+    return grad_weight.to(weight.dtype), grad_gamma, grad_beta
 
 
 def runs_conv1x1_triton(*tensors) -> bool:

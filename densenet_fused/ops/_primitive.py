@@ -48,7 +48,7 @@ class Op:
     def __init__(self, primitive: str, name: str, reference, fake, *, triton=None, autograd=Autograd(),
                  mutates_args=()):  # fmt: skip
         self.name, self.reference = name, reference
-        self.kernels = {"reference": reference}
+        self.kernels, self._runners = {"reference": reference}, {}
         self.cpp_name = f"{name}_cpp" if CPP_AVAILABLE and hasattr(torch.ops.densenet_fused, f"{name}_cpp") else None
         if self.cpp_name:
             self.kernels["cpp"] = getattr(torch.ops.densenet_fused, self.cpp_name)
@@ -77,12 +77,21 @@ class Op:
 
         def run(*args):
             chosen = forced_backend(args[self._x], self.kernels) or backend
-            args = args[: self._arity]
-            if chosen != "reference" and self._per_sample_stats(args):
-                return self._per_sample(self.kernels[chosen], args)
-            return self.kernels[chosen](*args)
+            return self.runner(chosen)(*args[: self._arity])
 
         return run
+
+    def runner(self, backend: str):
+        """``backend``'s kernel as a callable of the reference's arguments, run once per sample when the
+        statistics are per sample (the block's hot path calls these directly, without dispatch)."""
+        if backend not in self._runners:
+            kernel = self.kernels[backend]
+
+            def run(*args):
+                return self._per_sample(kernel, args) if self._per_sample_stats(args) else kernel(*args)
+
+            self._runners[backend] = kernel if backend == "reference" else run
+        return self._runners[backend]
 
     def _per_sample_stats(self, args) -> bool:
         return "mean" in self._names and args[self._names.index("mean")].dim() == 2

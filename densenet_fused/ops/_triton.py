@@ -15,8 +15,13 @@ Conventions of every kernel:
   ``MAX_PIXELS`` pixels, else the reference runs).
 * Reductions over pixels are split in ``num_splits`` chunks whose partial results land in a small
   [splits, ...] tensor summed by torch afterwards: deterministic, no atomics.
-* fp32 GEMMs use IEEE fp32 unless ``DENSENET_FUSED_TF32=1`` (``config.tf32``, read at every launch)
-  selects TF32.
+* Normalization arguments (``NormArgs``) are per-channel mean, a second vector and gamma, beta: the second
+  is invstd, or (``VAR``) the biased variance with eps, and the kernel forms invstd = rsqrt(var + eps).
+  The block passes its statistics or the running ones this way, so no glue op forms invstd or folds
+  the affine: each kernel folds scale = gamma * invstd, shift = beta - mean * scale per channel tile.
+* The 1x1 convolutions' fp32 GEMMs follow torch's convolution precision (``input_precision``), as
+  torchvision's cuDNN convolutions do: TF32 where ``torch.backends.cudnn.conv.fp32_precision`` (or the
+  older ``allow_tf32`` it mirrors) allows it, IEEE fp32 otherwise.
 """
 
 import contextlib
@@ -25,7 +30,8 @@ import math
 
 import torch
 
-from ._backend import TF32_ENV, TRITON_AVAILABLE, config
+from ._backend import TRITON_AVAILABLE, config
+from ._norm_args import NormArgs
 
 if TRITON_AVAILABLE:
     import triton
@@ -36,7 +42,7 @@ MAX_PIXELS = 2**30  # pixel indices are int32 in the kernels; the margin keeps t
 
 __all__ = [
     "MAX_PIXELS",
-    "TF32_ENV",
+    "NormArgs",
     "TRITON_AVAILABLE",
     "TRITON_DTYPES",
     "acc_type",
@@ -44,10 +50,10 @@ __all__ = [
     "batch_norm_backward_passes",
     "device_guard",
     "common_geometry",
-    "folded_affine",
     "geometry",
     "input_precision",
     "interpreting",
+    "multiprocessors",
     "num_splits",
     "pick_config",
     "runs_triton",
@@ -70,40 +76,23 @@ def pick_config(gpu_config: dict, interpreter_config: dict) -> dict:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: IEEE fp32 by default (matches the reference), TF32 on request."""
-    if dtype == torch.float32 and config.tf32:
-        return "tf32"
+    """``tl.dot`` precision of a 1x1 convolution: TF32 for float32 where torch lets cuDNN convolutions use it,
+    IEEE otherwise.  torch's flags: ``torch.backends.cudnn.conv.fp32_precision``, where "none" defers to
+    ``cudnn.fp32_precision`` and then ``torch.backends.fp32_precision`` ("none" throughout: IEEE; the legacy
+    ``allow_tf32 = False`` sets that); a torch without them has only ``cudnn.allow_tf32``."""
+    if dtype != torch.float32:
+        return "ieee"
+    if not hasattr(torch.backends.cudnn, "conv"):
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    for level in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+        if level.fp32_precision != "none":
+            return level.fp32_precision
     return "ieee"
 
 
 def acc_type(dtype: torch.dtype):
     """The Triton accumulation dtype (``ACC`` constexpr) for inputs of ``dtype``."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def folded_affine(mean, invstd, gamma, beta, dtype):
-    """(scale, shift) with gamma * (x - mean) * invstd + beta == x * scale + shift, contiguous ``dtype``."""
-    scale = (gamma * invstd).to(dtype).contiguous()
-    shift = (beta - mean * (gamma * invstd)).to(dtype).contiguous()
-    return scale, shift
-
-
-def batch_norm_backward_passes(launch, sums: torch.Tensor, scale: torch.Tensor, count: int, training: bool):
-    """Run a BatchNorm-backward kernel's passes; return (grad_gamma, grad_beta).
-
-    ``launch(c1, c2, reduce, apply, train)`` runs the kernel, whose REDUCE pass writes the per-channel
-    partial sums (sum dA, sum dA * x_hat) into ``sums`` [2, splits, C] and whose APPLY pass writes grad_x.
-    Eval mode needs no sums to write grad_x, so one pass does both; training reduces first and then
-    applies with c1 = mean(dA), c2 = mean(dA * x_hat) over the ``count`` pixels.
-    """
-    if training:
-        launch(scale, scale, True, False, False)
-        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)  # separate tensors: custom-op outputs may not alias
-        launch(grad_beta / count, grad_gamma / count, False, True, True)
-    else:
-        launch(scale, scale, True, True, False)
-        grad_beta, grad_gamma = sums[0].sum(0), sums[1].sum(0)
-    return grad_gamma, grad_beta
 
 
 def runs_triton(*tensors: torch.Tensor) -> bool:
@@ -120,9 +109,14 @@ def geometry(t: torch.Tensor, merge: bool = True):
 
     With ``merge``, spatial dims that are contiguous with each other are merged and size-1 dims
     dropped (fewer index computations, any rank of a dense or channel-sliced tensor fits); without it
-    (pooling needs the real dims) the dims are only left-padded to 3.
+    (pooling needs the real dims) the dims are only left-padded to 3.  Cached per shape and strides.
     """
-    dims = list(zip(t.shape[2:], t.stride()[2:]))
+    return _geometry(t.shape[2:], t.stride()[2:], merge)
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(shape: tuple, strides: tuple, merge: bool):
+    dims = list(zip(shape, strides))
     if merge:
         merged = []
         for size, stride in dims:
@@ -136,7 +130,7 @@ def geometry(t: torch.Tensor, merge: bool = True):
     if len(dims) > 3:
         return None
     dims = [(1, 0)] * (3 - len(dims)) + dims
-    return [size for size, _ in dims], [stride for _, stride in dims]
+    return tuple(size for size, _ in dims), tuple(stride for _, stride in dims)
 
 
 def common_geometry(*tensors: torch.Tensor):
@@ -149,6 +143,11 @@ def common_geometry(*tensors: torch.Tensor):
         if all(g is not None for g in found) and all(g[0] == found[0][0] for g in found):
             return found[0][0], [g[1] for g in found]
     return None
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The number of SMs of a CUDA device."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +164,7 @@ def num_splits(
     chunk holds at least one block.  Under the interpreter aim at 4 programs in all.
     """
     if device.type == "cuda":
-        target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        target = 4 * multiprocessors(device)
     else:
         target = 4
     blocks = math.ceil(pixels / block)
@@ -174,21 +173,139 @@ def num_splits(
     return math.ceil(pixels / chunk), chunk
 
 
-def device_guard(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def batch_norm_backward_passes(launch, sums: torch.Tensor, training: bool):
+    """Run a BatchNorm-backward kernel's passes; return (grad_gamma, grad_beta).
+
+    ``launch(reduce, apply, train, grad_gamma, grad_beta)`` runs the kernel, whose REDUCE pass writes the
+    per-chunk partial sums (sum dA, sum dA * x_hat) into ``sums`` [splits, 2, C] and whose APPLY pass writes
+    grad_x.  Training reduces first, then applies, summing the partials in the kernel (which also stores
+    grad_gamma and grad_beta); eval mode needs no sums for grad_x, so one pass does both and torch sums them.
+    """
+    if training:
+        grad_gamma, grad_beta = torch.empty_like(sums[0, 0]), torch.empty_like(sums[0, 0])
+        launch(True, False, False, grad_gamma, grad_beta)
+        launch(False, True, True, grad_gamma, grad_beta)
+        return grad_gamma, grad_beta
+    launch(True, True, False, sums, sums)
+    return sums[:, 1].sum(0), sums[:, 0].sum(0)  # separate tensors: custom-op outputs may not alias
+
+
+# Compiled launches, keyed by everything Triton specializes a kernel on: (kernel, device, constexprs, and per
+# argument the integer itself or a tensor's dtype and 16-byte alignment).  Value: (the compiled kernel, its
+# grid, the values of the parameters after the call's arguments), or None where the handle cannot be used.
+_COMPILED: dict = {}
+
+
+def launch(kernel, grid, args: tuple, device: torch.device, **constexprs) -> dict:
+    """``kernel[grid](*args, **constexprs)`` on ``device``; returns the constexprs it ran with, the autotuned
+    ones (BLOCK sizes) included.
+
+    Triton's own launcher binds ~30 arguments, computes the specialization key and looks the kernel up on
+    every call (tens of microseconds of host time).  A launch whose specialization was seen before (same
+    integers, dtypes, pointer alignment and constexprs: exactly what Triton keys its compiled kernels on)
+    goes straight to the compiled kernel's launcher, with the grid and autotuned config found the first time,
+    the way Triton itself calls it.  The first launch (which compiles and autotunes, so never inside a CUDA
+    graph capture), the interpreter, another current device and Triton's launch hooks use ``kernel[grid]``.
+    """
+    if device.type != "cuda" or device.index not in (None, torch.cuda.current_device()):
+        with device_guard(device):
+            kernel[grid](*args, **constexprs)
+        return {**constexprs, **_best_config(kernel)}
+    key = (id(kernel), *constexprs.values(), *[_spec(a) for a in args])
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs)
+        meta = {**constexprs, **_best_config(kernel)}
+        entry = _COMPILED[key] = _compiled_entry(kernel, compiled, grid, args, meta)
+    if entry[0] is None or _launch_hooks():
+        kernel[grid](*args, **constexprs)
+        return entry[3]
+    compiled, size, tail, meta = entry
+    stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    return meta
+
+
+def _spec(arg):
+    """What Triton's specialization sees of one argument (floats are not specialized: their type is)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return float if isinstance(arg, float) else arg
+
+
+def _best_config(kernel) -> dict:
+    config = getattr(kernel, "best_config", None)
+    return dict(config.kwargs) if config is not None else {}
+
+
+def _compiled_entry(kernel, compiled, grid, args, meta) -> tuple:
+    jit = getattr(kernel, "fn", kernel)
+    names = getattr(jit, "arg_names", None)
+    usable = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+    if not usable or names is None or any(name not in meta for name in names[len(args) :]):
+        return None, None, None, meta
+    size = grid(meta) if callable(grid) else grid
+    size = (*size, 1, 1)[:3]
+    return compiled, size, tuple(meta[name] for name in names[len(args) :]), meta
+
+
+def _launch_hooks() -> bool:
+    """Whether a Triton launch hook is installed (profilers): then launches go through Triton, which calls it."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+
+
+def device_guard(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c):
-        """Per-channel mean, invstd, scale and shift at offs_c as [BLOCK_C, 1] columns (0 where masked)."""
-        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+    def load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_c, mask_c, VAR: tl.constexpr, ACC: tl.constexpr):
+        """Per-channel (mean, invstd, scale, shift) at offs_c in ACC (0 where masked), from ``NormArgs``:
+        invstd = v, or rsqrt(v + eps) with ``VAR``; scale = gamma * invstd, shift = beta - mean * scale."""
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        v = tl.load(v_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        if VAR:
+            invstd = tl.where(mask_c, tl.rsqrt((v + eps_hi) + eps_lo), 0.0)  # exact float32 parts: float64-exact eps
+        else:
+            invstd = v
+        scale = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) * invstd
+        shift = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) - mean * scale
         return mean, invstd, scale, shift
+
+    @triton.jit
+    def tile_stats(v, mask, count, mean, m2, ACC: tl.constexpr):
+        """Merge the masked [BLOCK_C, BLOCK_Q] tile ``v`` into per-row running (count, mean, M2)."""
+        tile_count = tl.sum(mask.to(ACC), axis=1)
+        tile_mean = tl.sum(tl.where(mask, v, 0.0), axis=1) / tl.maximum(tile_count, 1.0)
+        centered = tl.where(mask, v - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(centered * centered, axis=1)
+        total = count + tile_count
+        share = tile_count / tl.maximum(total, 1.0)
+        delta = tile_mean - mean
+        return total, mean + delta * share, m2 + tile_m2 + delta * delta * count * share
+
+    @triton.jit
+    def bn_backward_terms(sums_ptr, grad_gamma_ptr, grad_beta_ptr, offs_c, mask_c, C, splits, count, pid_s,
+                          ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """Sum the REDUCE pass's partials sums[splits, 0/1, C] for offs_c; program 0 of the chunks stores them
+        as grad_beta and grad_gamma.  Returns the training formula's mean(dA) and mean(dA * x_hat) columns."""
+        sum_da = tl.zeros([BLOCK_C], dtype=ACC)
+        sum_da_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+        for s0 in range(0, splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < splits)[:, None] & mask_c[None, :]
+            rows = sums_ptr + (2 * offs_s)[:, None] * C + offs_c[None, :]
+            sum_da += tl.sum(tl.load(rows, mask=mask, other=0.0), axis=0)
+            sum_da_xhat += tl.sum(tl.load(rows + C, mask=mask, other=0.0), axis=0)
+        if pid_s == 0:
+            tl.store(grad_beta_ptr + offs_c, sum_da, mask=mask_c)
+            tl.store(grad_gamma_ptr + offs_c, sum_da_xhat, mask=mask_c)
+        return (sum_da / count)[:, None], (sum_da_xhat / count)[:, None]
 
     @triton.jit
     def pixel_coords(q, D, H, W):

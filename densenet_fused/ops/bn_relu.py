@@ -54,10 +54,10 @@ def bn_relu_backward_reference(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  BN folds into z = x * scale + shift with
-# scale = gamma * invstd, shift = beta - mean * scale.  Backward is one pass in eval mode; in training a
-# first pass forms the per-channel sums (sum dA, sum dA * x_hat) the BatchNorm backward needs and a
-# second pass writes grad_x.  Partial sums land in [2, splits, C] and are summed by torch.
+# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  The kernels take ``_tr.NormArgs`` and fold
+# BN into z = x * scale + shift per channel tile.  Backward is one pass in eval mode; in training a REDUCE
+# pass writes per-chunk partial sums (sum dA, sum dA * x_hat) into [splits, 2, C] and the APPLY pass sums
+# them itself (``bn_backward_terms``), so no op runs between the two launches.
 
 
 if _tr.TRITON_AVAILABLE:
@@ -66,11 +66,11 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.jit
     def _bn_relu_kernel(
-        x_ptr, y_ptr, scale_ptr, shift_ptr,
+        x_ptr, y_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo,
         C, Q, D, H, W,
         sxn, sxc, sxd, sxh, sxw,
         syn, syc, syd, syh, syw,
-        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
         offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,32 +78,33 @@ if _tr.TRITON_AVAILABLE:
         mask = mask_c[:, None] & (offs_q < Q)[None, :]
         n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
         channels = offs_c.to(tl.int64)[:, None]
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+        _, _, scale, shift = _tr.load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_c, mask_c, VAR, ACC)
         x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
-        y = tl.maximum(x.to(ACC) * scale + shift, 0.0)
+        y = tl.maximum(x.to(ACC) * scale[:, None] + shift[:, None], 0.0)
         y_ptrs = y_ptr + channels * syc + (n * syn + d * syd + h * syh + w * syw)[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bn_relu_backward_kernel(
-        gz_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, c1_ptr, c2_ptr, gx_ptr, sums_ptr,
-        C, Q, chunk, D, H, W,
+        gz_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, gx_ptr, sums_ptr, grad_gamma_ptr, grad_beta_ptr,
+        C, Q, chunk, D, H, W, count,
         szn, szc, szd, szh, szw,
         sxn, sxc, sxd, sxh, sxw,
         sgn, sgc, sgd, sgh, sgw,
-        REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr,
-        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        REDUCE: tl.constexpr, APPLY: tl.constexpr, TRAINING: tl.constexpr, VAR: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         pid_c = tl.program_id(0)
         pid_s = tl.program_id(1)
+        splits = tl.num_programs(1)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         channels = offs_c.to(tl.int64)[:, None]
-        mean, invstd, scale, shift = _tr.load_bn_columns(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, offs_c, mask_c)
+        mean, invstd, scale, shift = _tr.load_norm(mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, offs_c, mask_c, VAR, ACC)
+        mean, invstd, scale, shift = mean[:, None], invstd[:, None], scale[:, None], shift[:, None]
         if TRAINING:
-            c1 = tl.load(c1_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-            c2 = tl.load(c2_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
+            c1, c2 = _tr.bn_backward_terms(sums_ptr, grad_gamma_ptr, grad_beta_ptr, offs_c, mask_c, C, splits, count, pid_s,
+                                       ACC, BLOCK_C, BLOCK_S)  # fmt: skip
         sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
         sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
         q_start = pid_s * chunk
@@ -128,60 +129,62 @@ if _tr.TRITON_AVAILABLE:
                 g_ptrs = gx_ptr + channels * sgc + (n * sgn + d * sgd + h * sgh + w * sgw)[None, :]
                 tl.store(g_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if REDUCE:
-            splits = tl.num_programs(1)
-            tl.store(sums_ptr + pid_s * C + offs_c, sum_dy, mask=mask_c)
-            tl.store(sums_ptr + (splits + pid_s) * C + offs_c, sum_dy_xhat, mask=mask_c)
+            tl.store(sums_ptr + (2 * pid_s) * C + offs_c, sum_dy, mask=mask_c)
+            tl.store(sums_ptr + (2 * pid_s + 1) * C + offs_c, sum_dy_xhat, mask=mask_c)
 
 
 _ELEMENTWISE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 8}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
+_BACKWARD_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "BLOCK_S": 32, "num_warps": 8},
+                    "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_S": 64}}  # fmt: skip
 
 
 def bn_relu_triton(x, mean, invstd, gamma, beta):
     """bn_relu with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
-    out = empty_like_layout(x, x.size(1))
-    found = _tr.common_geometry(x, out)
-    if not _tr.runs_triton(x) or found is None:
+    if not _tr.runs_triton(x) or _tr.common_geometry(x) is None:
         return bn_relu_reference(x, mean, invstd, gamma, beta)
-    (d, h, w), (sx, sy) = found
+    return bn_relu_launch(x, _tr.NormArgs.of(mean, invstd, gamma, beta))
+
+
+def bn_relu_launch(x, norm: "_tr.NormArgs", out=None):
+    """relu(bn(x)) into ``out`` (allocated in x's layout when None) with the Triton kernel; returns it."""
+    out = empty_like_layout(x, x.size(1)) if out is None else out
+    (d, h, w), (sx, sy) = _tr.common_geometry(x, out)
     c, q = x.size(1), x.size(0) * d * h * w
-    acc = acc_dtype(x.dtype)
-    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc)
+    norm_args, flags = norm.kernel_args()
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     grid = (triton.cdiv(q, config["BLOCK_Q"]), triton.cdiv(c, config["BLOCK_C"]))
-    with _tr.device_guard(x):
-        _bn_relu_kernel[grid](
-            x, out, scale, shift, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy,
-            ACC=_tr.acc_type(x.dtype), **config,
-        )
+    args = (x, out, *norm_args, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy)
+    _tr.launch(_bn_relu_kernel, grid, args, x.device, ACC=_tr.acc_type(x.dtype), **flags, **config)
     return out
 
 
 def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
     """bn_relu_backward with Triton kernels: (grad_x, grad_gamma, grad_beta)."""
-    grad_x = empty_like_layout(x, x.size(1))
-    found = _tr.common_geometry(grad_z, x, grad_x)
-    if not _tr.runs_triton(x) or found is None:
+    if not _tr.runs_triton(x) or _tr.common_geometry(grad_z, x) is None:
         return bn_relu_backward_reference(grad_z, x, mean, invstd, gamma, beta, training)
-    (d, h, w), (sz, sx, sg) = found
+    return bn_relu_backward_launch(grad_z, x, _tr.NormArgs.of(mean, invstd, gamma, beta), training)
+
+
+def bn_relu_backward_launch(grad_z, x, norm: "_tr.NormArgs", training: bool):
+    """(grad_x in x's layout, grad_gamma, grad_beta) of relu(bn(x)) with the Triton kernels."""
+    grad_x = empty_like_layout(x, x.size(1))
+    (d, h, w), (sz, sx, sg) = _tr.common_geometry(grad_z, x, grad_x)
     c, q = x.size(1), x.size(0) * d * h * w
-    acc = acc_dtype(x.dtype)
-    scale, shift = _tr.folded_affine(mean, invstd, gamma, beta, acc)
-    mean_acc, invstd_acc = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
+    norm_args, flags = norm.kernel_args()
+    config = _tr.pick_config(_BACKWARD_CONFIG["gpu"], _BACKWARD_CONFIG["interpreter"])
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
-    sums = torch.empty((2, splits, c), dtype=acc, device=x.device)
+    sums = torch.empty((splits, 2, c), dtype=acc_dtype(x.dtype), device=x.device)
 
-    def launch(c1, c2, reduce, apply, train):
-        _bn_relu_backward_kernel[(c_blocks, splits)](
-            grad_z, x, mean_acc, invstd_acc, scale, shift, c1, c2, grad_x, sums,
-            c, q, chunk, d, h, w,
+    def launch(reduce, apply, train, grad_gamma, grad_beta):
+        args = (
+            grad_z, x, *norm_args, grad_x, sums, grad_gamma, grad_beta, c, q, chunk, d, h, w, q,
             grad_z.stride(0), grad_z.stride(1), *sz, x.stride(0), x.stride(1), *sx, grad_x.stride(0), grad_x.stride(1), *sg,
-            REDUCE=reduce, APPLY=apply, TRAINING=train, ACC=_tr.acc_type(x.dtype), **config,
         )  # fmt: skip
+        _tr.launch(_bn_relu_backward_kernel, (c_blocks, splits), args, x.device, REDUCE=reduce, APPLY=apply,
+                   TRAINING=train, ACC=_tr.acc_type(x.dtype), **flags, **config)  # fmt: skip
 
-    with _tr.device_guard(x):
-        grad_gamma, grad_beta = _tr.batch_norm_backward_passes(launch, sums, scale, q, training)
+    grad_gamma, grad_beta = _tr.batch_norm_backward_passes(launch, sums, training)
     return grad_x, grad_gamma, grad_beta
 
 

@@ -56,7 +56,7 @@ def bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
     if not runs_conv1x1_triton(x, weight):
         return bn_relu_conv1x1_reference(x, mean, invstd, gamma, beta, weight)
     out = empty_like_layout(x, weight.size(0))
-    return conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool=False)
+    return conv1x1_forward_triton(x, _tr.NormArgs.of(mean, invstd, gamma, beta), weight, out, pool=False)
 
 
 def bn_relu_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training):
@@ -64,9 +64,8 @@ def bn_relu_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight
     grad_x = grad_buffer[:, : x.size(1)]
     if not runs_conv1x1_triton(grad_y, x, weight, grad_buffer) or _tr.common_geometry(x, grad_y, grad_x) is None:
         return bn_relu_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training)
-    return conv1x1_backward_triton(
-        grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool=False, accumulate=True
-    )
+    norm = _tr.NormArgs.of(mean, invstd, gamma, beta)
+    return conv1x1_backward_triton(grad_y, x, norm, weight, grad_x, training, pool=False, accumulate=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _triton as _tr
 from ._autograd import bn_autograd
 from ._conv1x1_triton import conv1x1_backward_triton, conv1x1_forward_triton, runs_conv1x1_triton
 from ._primitive import Op
@@ -81,7 +82,7 @@ def bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight):
     if not _pool_runs_triton(x, weight):
         return bn_relu_pool_conv1x1_reference(x, mean, invstd, gamma, beta, weight)
     out = _fake(x, mean, invstd, gamma, beta, weight)
-    return conv1x1_forward_triton(x, mean, invstd, gamma, beta, weight, out, pool=True)
+    return conv1x1_forward_triton(x, _tr.NormArgs.of(mean, invstd, gamma, beta), weight, out, pool=True)
 
 
 def bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, training):
@@ -90,7 +91,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, w
         return bn_relu_pool_conv1x1_backward_reference(grad_y, x, mean, invstd, gamma, beta, weight, training)
     grad_x = empty_like_layout(x, x.size(1))
     grad_weight, grad_gamma, grad_beta = conv1x1_backward_triton(
-        grad_y, x, mean, invstd, gamma, beta, weight, grad_x, training, pool=True, accumulate=False
+        grad_y, x, _tr.NormArgs.of(mean, invstd, gamma, beta), weight, grad_x, training, pool=True, accumulate=False
     )
     return grad_x, grad_weight, grad_gamma, grad_beta
 

@@ -30,9 +30,12 @@ def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  Each program owns BLOCK_C channels and
-# one chunk of pixels; it merges per-tile (mean, M2) pairs with Chan's formula, and torch merges the
-# chunks' partials in float64.  Shifting by each tile's own mean keeps fp32 accurate for any offset.
+# Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).  Statistics are computed where the data is
+# produced: ``_stats_pass_kernel`` optionally copies its input to ``y`` (the block writes a layer's new
+# channels into its buffer this way, with the dropout mask applied) and reduces per-chunk (mean, M2)
+# partials with Chan's formula; ``finalize_stats_kernel`` merges the chunks of each channel into mean and
+# biased variance.  Shifting by each tile's own mean keeps fp32 accurate for any offset.  Two launches,
+# no glue op, deterministic (no atomics).
 
 
 if _tr.TRITON_AVAILABLE:
@@ -40,18 +43,21 @@ if _tr.TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _channel_stats_kernel(
-        x_ptr, part_ptr,
-        C, Q, chunk, D, H, W,
+    def _stats_pass_kernel(
+        x_ptr, y_ptr, m_ptr, part_ptr,
+        C, Q, chunk, D, H, W, drop_scale,
         sxn, sxc, sxd, sxh, sxw,
+        syn, syc, syd, syh, syw,
+        smn, smc, smd, smh, smw,
+        STORE: tl.constexpr, DROP: tl.constexpr, STATS: tl.constexpr,
         ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):  # fmt: skip
-        pid_c = tl.program_id(0)
+        """Programs own BLOCK_C channels and one chunk of pixels: y = x (* mask * drop_scale), and the
+        (mean, M2) of the values y holds (rounded to y's dtype) into part[chunk, 0/1, C]."""
         pid_s = tl.program_id(1)
-        splits = tl.num_programs(1)
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        rows = x_ptr + offs_c.to(tl.int64)[:, None] * sxc
+        channels = offs_c.to(tl.int64)[:, None]
         mean = tl.zeros([BLOCK_C], dtype=ACC)
         m2 = tl.zeros([BLOCK_C], dtype=ACC)
         count = tl.zeros([BLOCK_C], dtype=ACC)
@@ -59,48 +65,100 @@ if _tr.TRITON_AVAILABLE:
         q_end = tl.minimum(q_start + chunk, Q)
         for q0 in range(q_start, q_end, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask_q = offs_q < q_end
             n, d, h, w = _tr.pixel_coords(offs_q, D, H, W)
-            mask = mask_c[:, None] & mask_q[None, :]
-            x = tl.load(rows + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0).to(ACC)
-            tile_count = tl.minimum(q_end - q0, BLOCK_Q).to(ACC)
-            tile_mean = tl.sum(x, axis=1) / tile_count
-            centered = tl.where(mask, x - tile_mean[:, None], 0.0)
-            tile_m2 = tl.sum(centered * centered, axis=1)
-            total = count + tile_count
-            delta = tile_mean - mean
-            mean += delta * (tile_count / total)
-            m2 += tile_m2 + delta * delta * (count * (tile_count / total))
-            count = total
-        tl.store(part_ptr + pid_s * C + offs_c, mean, mask=mask_c)
-        tl.store(part_ptr + (splits + pid_s) * C + offs_c, m2, mask=mask_c)
+            mask = mask_c[:, None] & (offs_q < q_end)[None, :]
+            x = tl.load(x_ptr + channels * sxc + (n * sxn + d * sxd + h * sxh + w * sxw)[None, :], mask=mask, other=0.0)
+            if DROP:
+                keep = tl.load(m_ptr + channels * smc + (n * smn + d * smd + h * smh + w * smw)[None, :], mask=mask, other=0)
+                x = (x.to(ACC) * keep.to(ACC) * drop_scale).to(y_ptr.dtype.element_ty)
+            if STORE:
+                y = x.to(y_ptr.dtype.element_ty)
+                tl.store(y_ptr + channels * syc + (n * syn + d * syd + h * syh + w * syw)[None, :], y, mask=mask)
+                x = y
+            if STATS:
+                count, mean, m2 = _tr.tile_stats(x.to(ACC), mask, count, mean, m2, ACC)
+        if STATS:
+            tl.store(part_ptr + (2 * pid_s) * C + offs_c, mean, mask=mask_c)
+            tl.store(part_ptr + (2 * pid_s + 1) * C + offs_c, m2, mask=mask_c)
+
+    @triton.jit
+    def finalize_stats_kernel(
+        part_ptr, mean_ptr, var_ptr, C, Q, splits, chunk,
+        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """mean and biased variance of each channel from the (mean, M2) partials of ``splits`` chunks of
+        ``chunk`` pixels (the last ones shorter or empty) in part[splits, 0/1, C]: Chan's merge, two passes."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        total = tl.zeros([BLOCK_C], dtype=ACC)
+        for s0 in range(0, splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < splits)[:, None] & mask_c[None, :]
+            counts = tl.maximum(tl.minimum(chunk, Q - offs_s * chunk), 0).to(ACC)
+            means = tl.load(part_ptr + (2 * offs_s)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            total += tl.sum(counts[:, None] * means, axis=0)
+        mean = total / Q
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        for s0 in range(0, splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < splits)[:, None] & mask_c[None, :]
+            counts = tl.maximum(tl.minimum(chunk, Q - offs_s * chunk), 0).to(ACC)
+            means = tl.load(part_ptr + (2 * offs_s)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            m2s = tl.load(part_ptr + (2 * offs_s + 1)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            delta = tl.where(mask, means - mean[None, :], 0.0)
+            m2 += tl.sum(m2s + counts[:, None] * delta * delta, axis=0)
+        tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(var_ptr + offs_c, (m2 / Q).to(var_ptr.dtype.element_ty), mask=mask_c)
 
 
 _STATS_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "num_warps": 8}, "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64}}
+_FINALIZE_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_S": 64, "num_warps": 4}, "interpreter": {"BLOCK_C": 64, "BLOCK_S": 64}}
 
 
-def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """channel_stats with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
-    found = _tr.common_geometry(x)
-    if not _tr.runs_triton(x) or found is None:
-        return channel_stats_reference(x)
-    (d, h, w), (strides,) = found
+def finalize_stats(part: torch.Tensor, splits: int, q: int, chunk: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write mean and var [C] (contiguous) from the first ``splits`` partials of part [>= splits, 2, C], chunks of
+    ``chunk`` pixels (of q in all)."""
+    c = part.size(2)
+    config = _tr.pick_config(_FINALIZE_CONFIG["gpu"], _FINALIZE_CONFIG["interpreter"])
+    grid = (triton.cdiv(c, config["BLOCK_C"]),)
+    _tr.launch(finalize_stats_kernel, grid, (part, mean, var, c, q, splits, chunk), part.device, ACC=_tr.acc_type(part.dtype), **config)
+
+
+def stats_pass(x: torch.Tensor, y=None, keep=None, drop_scale: float = 1.0, stats=None) -> None:
+    """One pass over x [N, C, *spatial]: copy it into ``y`` (same shape, any strides) when given, times
+    ``keep * drop_scale`` when a dropout mask is given (``keep`` broadcastable as x: [N, C, 1, 1] drops
+    whole channels), and write its channels' mean and biased variance into ``stats`` = (mean, var) when
+    given.  The caller checked that the Triton kernels take x (``runs_triton`` and ``common_geometry``)."""
+    (d, h, w), (sx, *rest) = _tr.common_geometry(x, *(t for t in (y, keep) if t is not None))
     c, q = x.size(1), x.size(0) * d * h * w
     config = _tr.pick_config(_STATS_CONFIG["gpu"], _STATS_CONFIG["interpreter"])
     c_blocks = triton.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
     acc = acc_dtype(x.dtype)
-    part = torch.empty((2, splits, c), dtype=acc, device=x.device)
-    with _tr.device_guard(x):
-        _channel_stats_kernel[(c_blocks, splits)](
-            x, part, c, q, chunk, d, h, w, x.stride(0), x.stride(1), *strides, ACC=_tr.acc_type(x.dtype), **config
-        )
-    counts = (torch.arange(1, splits + 1, device=x.device) * chunk).clamp(max=q) - torch.arange(splits, device=x.device) * chunk
-    counts = counts.to(torch.float64)[:, None]
-    chunk_mean, chunk_m2 = part.to(torch.float64).unbind(0)
-    mean = (counts * chunk_mean).sum(0) / q
-    var = (chunk_m2.sum(0) + (counts * (chunk_mean - mean) ** 2).sum(0)) / q
-    return mean.to(acc), var.to(acc)
+    part = torch.empty((splits, 2, c), dtype=acc, device=x.device) if stats is not None else x
+    rest = iter(rest)
+    sy = next(rest) if y is not None else (0, 0, 0)
+    sm = next(rest) if keep is not None else (0, 0, 0)
+    args = (
+        x, x if y is None else y, x if keep is None else keep, part, c, q, chunk, d, h, w, drop_scale,
+        x.stride(0), x.stride(1), *sx,
+        *((y.stride(0), y.stride(1), *sy) if y is not None else (0, 0, 0, 0, 0)),
+        *((keep.stride(0), keep.stride(1), *sm) if keep is not None else (0, 0, 0, 0, 0)),
+    )  # fmt: skip
+    _tr.launch(_stats_pass_kernel, (c_blocks, splits), args, x.device, STORE=y is not None, DROP=keep is not None,
+               STATS=stats is not None, ACC=_tr.acc_type(x.dtype), **config)  # fmt: skip
+    if stats is not None:
+        finalize_stats(part, splits, q, chunk, *stats)
+
+
+def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """channel_stats with the Triton kernels (empty inputs and more than 3 spatial dims use the reference)."""
+    if not _tr.runs_triton(x) or _tr.common_geometry(x) is None:
+        return channel_stats_reference(x)
+    acc = acc_dtype(x.dtype)
+    mean, var = x.new_empty(x.size(1), dtype=acc), x.new_empty(x.size(1), dtype=acc)
+    stats_pass(x, stats=(mean, var))
+    return mean, var
 
 
 # ---------------------------------------------------------------------------------------------------

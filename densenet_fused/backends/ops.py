@@ -1,0 +1,66 @@
+"""The layer kernels as each primitive's kernel from its op's kernel table (``ops._primitive.Op.runner``): C++
+for CPU tensors, the reference on other devices or when forced, and whatever backend runs the statistics
+the Triton path does not take (per-sample ones, run once per sample, and synchronized BatchNorms)."""
+
+from torch import Tensor
+
+from ..ops import PRIMITIVES
+from ..ops._norm_args import NormArgs
+from ..ops.channel_stats import instance_stats
+from ..ops.layout import acc_dtype
+
+
+class OpKernels:
+    """``backends.LayerKernels`` from one backend's kernel per primitive; statistics per sample (``instance``)
+    or all-reduced over a process group (``sync``, a ``distributed.BatchNormSync``) when asked."""
+
+    def __init__(self, backend: str, instance: bool, sync) -> None:
+        def kernel(primitive: str, op: str):
+            return PRIMITIVES[primitive].ops[op].runner(backend)
+
+        self._stats = kernel("channel_stats", "channel_stats")
+        self._bn_relu = kernel("bn_relu", "bn_relu")
+        self._bn_relu_backward = kernel("bn_relu", "bn_relu_backward")
+        self._conv1x1 = kernel("bn_relu_conv1x1", "bn_relu_conv1x1")
+        self._conv1x1_backward = kernel("bn_relu_conv1x1", "bn_relu_conv1x1_backward")
+        self.instance, self.sync = instance, sync
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x's batch statistics: per channel, per sample and channel for instance norms, over the group when
+        synchronized."""
+        if self.instance:
+            return instance_stats(x)
+        mean, var = self._stats(x)
+        return (mean, var) if self.sync is None else self.sync.stats(x, mean, var)
+
+    def _write_stats(self, x: Tensor, stats) -> None:
+        if stats is not None:
+            mean, var = self.stats(x)
+            stats[0].copy_(mean)
+            stats[1].copy_(var)
+
+    def copy(self, src, dst, stats=None, keep=None, drop_scale: float = 1.0) -> None:
+        dst.copy_(src if keep is None else src * keep * drop_scale)
+        self._write_stats(dst, stats)
+
+    def conv1x1(self, x, norm: NormArgs, weight, stats=None) -> Tensor:
+        out = self._conv1x1(x, *self._norm(x, norm), weight.flatten(1).to(x.dtype))
+        self._write_stats(out, stats)
+        return out
+
+    def bn_relu(self, x, norm: NormArgs) -> Tensor:
+        return self._bn_relu(x, *self._norm(x, norm))
+
+    def bn_relu_backward(self, grad_z, x, norm: NormArgs, training: bool):
+        return self._bn_relu_backward(grad_z, x, *self._norm(x, norm), training)
+
+    def conv1x1_backward(self, grad_y, x, norm: NormArgs, weight, grad_buffer, training: bool):
+        grad_weight, grad_gamma, grad_beta = self._conv1x1_backward(
+            grad_y, x, *self._norm(x, norm), weight.flatten(1).to(x.dtype), grad_buffer, training
+        )
+        return grad_weight.to(weight.dtype).view(weight.shape), grad_gamma, grad_beta
+
+    @staticmethod
+    def _norm(x: Tensor, norm: NormArgs) -> tuple:
+        """(mean, invstd, gamma, beta) in x's accumulation dtype, as the primitives take them."""
+        return tuple(norm.with_invstd(acc_dtype(x.dtype))[:4])
