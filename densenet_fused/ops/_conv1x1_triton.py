@@ -60,7 +60,7 @@ if _tr.TRITON_AVAILABLE:
             c
             for c in mine
             if (_CONFIG_TAGS[id(c)][1] or not pooling)
-            and all(c.kwargs[name] <= max(32, triton.next_power_of_2(size)) for name, size in widths.items())
+            and all(c.kwargs[name] <= max(32, _tr.next_power_of_2(size)) for name, size in widths.items())
         ]
         if not kept:  # e.g. B below every BLOCK_B of the family: the narrowest config
             kept = sorted(mine, key=lambda c: [c.kwargs[name] for name in widths])[:1]
@@ -352,16 +352,16 @@ _MIN_BLOCK_Q = 64  # the narrowest BLOCK_Q of the forward's configs
 
 def _input_grad_config(dtype: torch.dtype, precision: str, pool: bool) -> dict:
     if _tr.interpreting():
-        return dict(_INPUT_GRAD_CONFIG["interpreter"])
+        return _INPUT_GRAD_CONFIG["interpreter"]
     if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
-        return dict(_INPUT_GRAD_CONFIG["fma"])
-    return dict(_INPUT_GRAD_CONFIG["mma_pool" if pool else "mma"])
+        return _INPUT_GRAD_CONFIG["fma"]
+    return _INPUT_GRAD_CONFIG["mma_pool" if pool else "mma"]
 
 
 def _tune_keys(x: torch.Tensor, channels: int, pixels: int) -> tuple[int, int, int]:
     """Autotuning keys (unused by the kernels): C and pixels in powers of 2, so the 58 layer widths of
     a DenseNet-121 share a few tunings, and whether channels are contiguous (channels-last)."""
-    return triton.next_power_of_2(channels), triton.next_power_of_2(pixels), int(x.stride(1) == 1)
+    return _tr.next_power_of_2(channels), _tr.next_power_of_2(pixels), int(x.stride(1) == 1)
 
 
 def pool_window(x: torch.Tensor, pool: bool) -> list:
@@ -372,10 +372,10 @@ def pool_window(x: torch.Tensor, pool: bool) -> list:
 
 def forward_programs(q: int, block_q: int, device: torch.device) -> tuple[int, int]:
     """(programs, pixels each) along the pixels of a forward launch with tiles of ``block_q`` pixels."""
-    tiles = triton.cdiv(q, block_q)
+    tiles = _tr.cdiv(q, block_q)
     cap = _FORWARD_PROGRAMS_PER_SM * _tr.multiprocessors(device) if device.type == "cuda" else 4
     programs = min(tiles, cap)
-    return programs, triton.cdiv(tiles, programs) * block_q
+    return programs, _tr.cdiv(tiles, programs) * block_q
 
 
 def conv1x1_forward_triton(x, norm: "_tr.NormArgs", weight, out, pool: bool, stats=None):
@@ -395,7 +395,7 @@ def conv1x1_forward_triton(x, norm: "_tr.NormArgs", weight, out, pool: bool, sta
     part = torch.empty((cap, 2, b), dtype=acc_dtype(x.dtype), device=x.device) if stats is not None else out
 
     def grid(meta):
-        return forward_programs(q, meta["BLOCK_Q"], x.device)[0], triton.cdiv(b, meta["BLOCK_B"])
+        return forward_programs(q, meta["BLOCK_Q"], x.device)[0], _tr.cdiv(b, meta["BLOCK_B"])
 
     args = (
         x, *norm_args, weight, out, part,
@@ -440,15 +440,15 @@ def conv1x1_backward_triton(grad_y, x, norm: "_tr.NormArgs", weight, grad_x, tra
     align = _WEIGHT_GRAD_ALIGN[gpu]
     # (the [splits, B, C] partials stay below the size of x: at most one layer-sized scratch).
     max_splits = max(1, q_out * x.element_size() // (acc.itemsize * b))
-    splits, chunk = _tr.num_splits(triton.cdiv(b, 64) * triton.cdiv(c, 64), q_out, align, x.device, max_splits)
+    splits, chunk = _tr.num_splits(_tr.cdiv(b, 64) * _tr.cdiv(c, 64), q_out, align, x.device, max_splits)
     part = torch.empty((splits, b, c), dtype=acc, device=x.device)
 
     def weight_grid(meta):
-        return triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(c, meta["BLOCK_C"]), splits
+        return _tr.cdiv(b, meta["BLOCK_B"]), _tr.cdiv(c, meta["BLOCK_C"]), splits
 
     # grad_x and the BatchNorm sums.
     config = _input_grad_config(x.dtype, precision, pool)
-    c_blocks = triton.cdiv(c, config["BLOCK_C"])
+    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
     x_splits, x_chunk = _tr.num_splits(c_blocks, q_out, config["BLOCK_Q"], x.device)
     sums = torch.empty((x_splits, 2, c), dtype=acc, device=x.device)
     odd = [0, 0, 0] if not pool else [s % 2 if p == 2 else 0 for s, p in zip((d, h, w), window)]

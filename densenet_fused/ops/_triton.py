@@ -47,6 +47,7 @@ __all__ = [
     "TRITON_DTYPES",
     "acc_type",
     "autotune_configs",
+    "cdiv",
     "batch_norm_backward_passes",
     "device_guard",
     "common_geometry",
@@ -54,6 +55,7 @@ __all__ = [
     "input_precision",
     "interpreting",
     "multiprocessors",
+    "next_power_of_2",
     "num_splits",
     "pick_config",
     "runs_triton",
@@ -71,8 +73,18 @@ def autotune_configs(gpu_configs: list, interpreter_config) -> list:
 
 
 def pick_config(gpu_config: dict, interpreter_config: dict) -> dict:
-    """Block sizes (and num_warps/num_stages) of a kernel launched without autotuning."""
-    return dict(interpreter_config) if interpreting() else dict(gpu_config)
+    """Block sizes (and num_warps/num_stages) of a kernel launched without autotuning (not to be modified)."""
+    return interpreter_config if config.interpret else gpu_config
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function, slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, for host code."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -182,7 +194,7 @@ def batch_norm_backward_passes(launch, sums: torch.Tensor, training: bool):
     grad_gamma and grad_beta); eval mode needs no sums for grad_x, so one pass does both and torch sums them.
     """
     if training:
-        grad_gamma, grad_beta = torch.empty_like(sums[0, 0]), torch.empty_like(sums[0, 0])
+        grad_gamma, grad_beta = sums.new_empty(sums.size(2)), sums.new_empty(sums.size(2))
         launch(True, False, False, grad_gamma, grad_beta)
         launch(False, True, True, grad_gamma, grad_beta)
         return grad_gamma, grad_beta
@@ -190,10 +202,12 @@ def batch_norm_backward_passes(launch, sums: torch.Tensor, training: bool):
     return sums[:, 1].sum(0), sums[:, 0].sum(0)  # separate tensors: custom-op outputs may not alias
 
 
-# Compiled launches, keyed by everything Triton specializes a kernel on: (kernel, device, constexprs, and per
-# argument the integer itself or a tensor's dtype and 16-byte alignment).  Value: (the compiled kernel, its
+# Compiled launches, keyed by everything Triton specializes a kernel on: (kernel, constexprs, and per argument
+# the number itself or a tensor's dtype and 16-byte alignment; floats are not specialized, so keying on their
+# values only adds entries).  Value: (the compiled kernel, its
 # grid, the values of the parameters after the call's arguments), or None where the handle cannot be used.
 _COMPILED: dict = {}
+_MAX_COMPILED = 2**16
 
 
 def launch(kernel, grid, args: tuple, device: torch.device, **constexprs) -> dict:
@@ -211,12 +225,15 @@ def launch(kernel, grid, args: tuple, device: torch.device, **constexprs) -> dic
         with device_guard(device):
             kernel[grid](*args, **constexprs)
         return {**constexprs, **_best_config(kernel)}
-    key = (id(kernel), *constexprs.values(), *[_spec(a) for a in args])
+    key = (id(kernel), *constexprs.values(), *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
     entry = _COMPILED.get(key)
-    if entry is None:
+    if entry is None:  # the first launch of this specialization: Triton's launcher compiles and autotunes
         compiled = kernel[grid](*args, **constexprs)
         meta = {**constexprs, **_best_config(kernel)}
-        entry = _COMPILED[key] = _compiled_entry(kernel, compiled, grid, args, meta)
+        if len(_COMPILED) >= _MAX_COMPILED:  # many input shapes: start over rather than grow without bound
+            _COMPILED.clear()
+        _COMPILED[key] = _compiled_entry(kernel, compiled, grid, args, meta)
+        return meta
     if entry[0] is None or _launch_hooks():
         kernel[grid](*args, **constexprs)
         return entry[3]
@@ -226,21 +243,13 @@ def launch(kernel, grid, args: tuple, device: torch.device, **constexprs) -> dic
     return meta
 
 
-def _spec(arg):
-    """What Triton's specialization sees of one argument (floats are not specialized: their type is)."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return float if isinstance(arg, float) else arg
-
-
 def _best_config(kernel) -> dict:
     config = getattr(kernel, "best_config", None)
     return dict(config.kwargs) if config is not None else {}
 
 
 def _compiled_entry(kernel, compiled, grid, args, meta) -> tuple:
-    jit = getattr(kernel, "fn", kernel)
-    names = getattr(jit, "arg_names", None)
+    names = getattr(kernel, "arg_names", None)  # a JITFunction's or an Autotuner's
     usable = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
     if not usable or names is None or any(name not in meta for name in names[len(args) :]):
         return None, None, None, meta

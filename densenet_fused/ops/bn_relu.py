@@ -152,7 +152,7 @@ def bn_relu_launch(x, norm: "_tr.NormArgs", out=None):
     c, q = x.size(1), x.size(0) * d * h * w
     norm_args, flags = norm.kernel_args()
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
-    grid = (triton.cdiv(q, config["BLOCK_Q"]), triton.cdiv(c, config["BLOCK_C"]))
+    grid = (_tr.cdiv(q, config["BLOCK_Q"]), _tr.cdiv(c, config["BLOCK_C"]))
     args = (x, out, *norm_args, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy)
     _tr.launch(_bn_relu_kernel, grid, args, x.device, ACC=_tr.acc_type(x.dtype), **flags, **config)
     return out
@@ -172,7 +172,7 @@ def bn_relu_backward_launch(grad_z, x, norm: "_tr.NormArgs", training: bool):
     c, q = x.size(1), x.size(0) * d * h * w
     norm_args, flags = norm.kernel_args()
     config = _tr.pick_config(_BACKWARD_CONFIG["gpu"], _BACKWARD_CONFIG["interpreter"])
-    c_blocks = triton.cdiv(c, config["BLOCK_C"])
+    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
     sums = torch.empty((splits, 2, c), dtype=acc_dtype(x.dtype), device=x.device)
 

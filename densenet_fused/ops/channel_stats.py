@@ -120,7 +120,7 @@ def finalize_stats(part: torch.Tensor, splits: int, q: int, chunk: int, mean: to
     ``chunk`` pixels (of q in all)."""
     c = part.size(2)
     config = _tr.pick_config(_FINALIZE_CONFIG["gpu"], _FINALIZE_CONFIG["interpreter"])
-    grid = (triton.cdiv(c, config["BLOCK_C"]),)
+    grid = (_tr.cdiv(c, config["BLOCK_C"]),)
     _tr.launch(finalize_stats_kernel, grid, (part, mean, var, c, q, splits, chunk), part.device, ACC=_tr.acc_type(part.dtype), **config)
 
 
@@ -132,7 +132,7 @@ def stats_pass(x: torch.Tensor, y=None, keep=None, drop_scale: float = 1.0, stat
     (d, h, w), (sx, *rest) = _tr.common_geometry(x, *(t for t in (y, keep) if t is not None))
     c, q = x.size(1), x.size(0) * d * h * w
     config = _tr.pick_config(_STATS_CONFIG["gpu"], _STATS_CONFIG["interpreter"])
-    c_blocks = triton.cdiv(c, config["BLOCK_C"])
+    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
     splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
     acc = acc_dtype(x.dtype)
     part = torch.empty((splits, 2, c), dtype=acc, device=x.device) if stats is not None else x
