@@ -24,6 +24,7 @@ class OpKernels:
         self._conv1x1 = kernel("bn_relu_conv1x1", "bn_relu_conv1x1")
         self._conv1x1_backward = kernel("bn_relu_conv1x1", "bn_relu_conv1x1_backward")
         self.instance, self.sync = instance, sync
+        self._invstd = {}  # id(norm) -> its (mean, invstd, gamma, beta): a layer's norms are used several times
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x's batch statistics: per channel, per sample and channel for instance norms, over the group when
@@ -60,7 +61,10 @@ class OpKernels:
         )
         return grad_weight.to(weight.dtype).view(weight.shape), grad_gamma, grad_beta
 
-    @staticmethod
-    def _norm(x: Tensor, norm: NormArgs) -> tuple:
-        """(mean, invstd, gamma, beta) in x's accumulation dtype, as the primitives take them."""
-        return tuple(norm.with_invstd(acc_dtype(x.dtype))[:4])
+    def _norm(self, x: Tensor, norm: NormArgs) -> tuple:
+        """(mean, invstd, gamma, beta) in x's accumulation dtype, as the primitives take them (computed once per
+        norm and block call: the norm objects live as long as this one)."""
+        found = self._invstd.get(id(norm))
+        if found is None or found[0] is not norm:
+            found = self._invstd[id(norm)] = (norm, tuple(norm.with_invstd(acc_dtype(x.dtype))[:4]))
+        return found[1]

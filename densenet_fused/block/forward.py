@@ -51,7 +51,8 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
                 running += (norm.running_mean, norm.running_var)
         gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
         gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
-        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight, gamma2, beta2, layer.conv2.weight))
+        # conv1's weight as it is (the kernels cast its tiles as autocast would), conv2's for cuDNN (as autocast casts)
+        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight, gamma2, beta2, layer.conv2.weight.to(dtype)))
     sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])

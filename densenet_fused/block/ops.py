@@ -17,18 +17,18 @@ from .plan import _PLAN_SCHEMA, layer_norms, _plans, _unflatten
 
 
 def conv3x3(z: Tensor, weight: Tensor) -> Tensor:
-    """A layer's 3x3 convolution (padding 1) of z, the weight cast to z's dtype as autocast would."""
+    """A layer's 3x3 convolution (padding 1) of z."""
     d = z.dim() - 2
-    return torch.convolution(z, weight.to(z.dtype), None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1)
+    return torch.convolution(z, weight, None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1)
 
 
 def _conv3x3_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(grad_z, grad_weight in weight's dtype, contiguous as the op's fake promises)."""
+    """(grad_z, grad_weight, contiguous as the op's fake promises)."""
     d = z.dim() - 2
     grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad, z, weight.to(z.dtype), None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False]
+        grad, z, weight, None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False]
     )
-    return grad_z, grad_w.to(weight.dtype, memory_format=torch.contiguous_format)
+    return grad_z, grad_w.contiguous()
 
 
 def drop_scale(drop: float) -> float:

@@ -22,6 +22,9 @@ fp16/bf16 tiles feed the tensor cores directly (Z is rounded to the input dtype 
 reference rounds its activation).  The weight may stay float32 under autocast: tiles are cast as loaded.
 """
 
+import functools
+from typing import NamedTuple
+
 import torch
 
 from . import _triton as _tr
@@ -159,7 +162,7 @@ if _tr.TRITON_AVAILABLE:
     )
     @triton.jit
     def _conv1x1_forward_kernel(
-        x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, w_ptr, y_ptr, part_ptr,
+        x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, w_ptr, y_ptr, part_ptr, eps_hi, eps_lo,
         C, B, Q, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
         sxn, sxc, sxd, sxh, sxw,
         swb, swc,
@@ -215,7 +218,7 @@ if _tr.TRITON_AVAILABLE:
     )
     @triton.jit
     def _conv1x1_weight_grad_kernel(
-        dy_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, part_ptr,
+        dy_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, part_ptr, eps_hi, eps_lo,
         C, B, Q, chunk, C_KEY, Q_KEY, LAYOUT_KEY, OD, OH, OW,
         sdn, sdb, sdd, sdh, sdw,
         sxn, sxc, sxd, sxh, sxw,
@@ -248,8 +251,8 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.jit
     def _conv1x1_input_grad_kernel(
-        dy_ptr, w_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, gx_ptr, sums_ptr,
-        grad_gamma_ptr, grad_beta_ptr,
+        dy_ptr, w_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, gx_ptr, sums_ptr, grad_gamma_ptr, grad_beta_ptr,
+        eps_hi, eps_lo,
         C, B, Q, chunk, D, H, W, OD, OH, OW, count,
         sdn, sdb, sdd, sdh, sdw,
         swb, swc,
@@ -358,15 +361,16 @@ def _input_grad_config(dtype: torch.dtype, precision: str, pool: bool) -> dict:
     return _INPUT_GRAD_CONFIG["mma_pool" if pool else "mma"]
 
 
-def _tune_keys(x: torch.Tensor, channels: int, pixels: int) -> tuple[int, int, int]:
+def _tune_keys(channel_stride: int, channels: int, pixels: int) -> tuple[int, int, int]:
     """Autotuning keys (unused by the kernels): C and pixels in powers of 2, so the 58 layer widths of
     a DenseNet-121 share a few tunings, and whether channels are contiguous (channels-last)."""
-    return _tr.next_power_of_2(channels), _tr.next_power_of_2(pixels), int(x.stride(1) == 1)
+    return _tr.next_power_of_2(channels), _tr.next_power_of_2(pixels), int(channel_stride == 1)
 
 
-def pool_window(x: torch.Tensor, pool: bool) -> list:
-    """The averaging window [PD, PH, PW] over x's spatial dims padded to 3: 2 per real dim when pooling."""
-    rank = x.dim() - 2
+def pool_window(dims: int, pool: bool) -> list:
+    """The averaging window [PD, PH, PW] over the spatial dims of a ``dims``-D tensor, padded to 3: 2 per real
+    dim when pooling."""
+    rank = dims - 2
     return [1] * (3 - rank) + [2] * rank if pool else [1, 1, 1]
 
 
@@ -382,29 +386,19 @@ def conv1x1_forward_triton(x, norm: "_tr.NormArgs", weight, out, pool: bool, sta
     """out = weight @ [avgpool2x](relu(bn(x))); the caller allocated ``out`` [N, B, *out_spatial].  With
     ``stats`` = (mean, var), also write the batch statistics of ``out``'s channels there (the GEMM's
     epilogue reduces them, one small finalize merges them).  ``weight`` may be float32 under autocast."""
-    window = pool_window(x, pool)
-    if pool:
-        sx = _tr.geometry(x, merge=False)[1]
-        (od, oh, ow), sy = _tr.geometry(out, merge=False)
-    else:
-        (od, oh, ow), (sx, sy) = _tr.common_geometry(x, out)
-    c, b = x.size(1), weight.size(0)
-    q = x.size(0) * od * oh * ow
-    norm_args, flags = norm.kernel_args()
-    cap = forward_programs(q, _MIN_BLOCK_Q, x.device)[0]  # the most programs any config launches
+    q, cap, scalars = _forward_plan(x.shape, x.stride(), out.shape, out.stride(), weight.shape[:2], weight.stride()[:2], pool, x.device)
+    b = weight.size(0)
     part = torch.empty((cap, 2, b), dtype=acc_dtype(x.dtype), device=x.device) if stats is not None else out
+    norm_tensors, eps, var = norm.kernel_args()
+    window = pool_window(x.dim(), pool)
 
     def grid(meta):
         return forward_programs(q, meta["BLOCK_Q"], x.device)[0], _tr.cdiv(b, meta["BLOCK_B"])
 
-    args = (
-        x, *norm_args, weight, out, part,
-        c, b, q, *_tune_keys(x, c, q), od, oh, ow,
-        x.stride(0), x.stride(1), *sx, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *sy,
-    )  # fmt: skip
     meta = _tr.launch(
-        _conv1x1_forward_kernel, grid, args, x.device, PD=window[0], PH=window[1], PW=window[2],
-        PREC=_tr.input_precision(x.dtype), ACC=_tr.acc_type(x.dtype), STATS=stats is not None, **flags,
+        _conv1x1_forward_kernel, grid, (x, *norm_tensors, weight, out, part), (*eps, *scalars), x.device,
+        PD=window[0], PH=window[1], PW=window[2], PREC=_tr.input_precision(x.dtype), acc=_tr.acc_type(x.dtype),
+        STATS=stats is not None, VAR=var,
     )  # fmt: skip
     if stats is not None:
         programs, chunk = forward_programs(q, meta["BLOCK_Q"], x.device)
@@ -412,12 +406,74 @@ def conv1x1_forward_triton(x, norm: "_tr.NormArgs", weight, out, pool: bool, sta
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _forward_plan(x_shape, x_strides, y_shape, y_strides, w_shape, w_strides, pool, device):
+    """(output pixels, the most programs any config launches, the kernel's integer arguments) of a forward."""
+    x, out = (torch.empty_strided(shape, s, device="meta") for shape, s in ((x_shape, x_strides), (y_shape, y_strides)))
+    if pool:
+        sx = _tr.geometry(x, merge=False)[1]
+        (od, oh, ow), sy = _tr.geometry(out, merge=False)
+    else:
+        (od, oh, ow), (sx, sy) = _tr.common_geometry(x, out)
+    c, b = x_shape[1], w_shape[0]
+    q = x_shape[0] * od * oh * ow
+    cap = forward_programs(q, _MIN_BLOCK_Q, device)[0]
+    keys = _tune_keys(x_strides[1], c, q)
+    return q, cap, (c, b, q, *keys, od, oh, ow, *x_strides[:2], *sx, *w_strides, *y_strides[:2], *sy)
+
+
 def conv1x1_backward_triton(grad_y, x, norm: "_tr.NormArgs", weight, grad_x, training, pool: bool, accumulate):
     """(grad_weight, grad_gamma, grad_beta); grad_x (same layout rules as x) is added to or overwritten.
 
     Shared by bn_relu_conv1x1 (accumulate into the block's gradient buffer) and the pooled transition.
     """
-    window = pool_window(x, pool)
+    grad_y = grad_y.to(x.dtype)
+    precision = _tr.input_precision(x.dtype)
+    plan = _backward_plan(x.shape, x.stride(), grad_y.shape, grad_y.stride(), grad_x.stride(), weight.shape[:2],
+                          weight.stride()[:2], pool, x.dtype, precision, x.device)  # fmt: skip
+    acc = acc_dtype(x.dtype)
+    norm_tensors, eps, var = norm.kernel_args()
+    acc_type = _tr.acc_type(x.dtype)
+    window = pool_window(x.dim(), pool)
+    b, c = weight.size(0), x.size(1)
+    part = torch.empty((plan.splits, b, c), dtype=acc, device=x.device)
+    sums = torch.empty((plan.input_grid[1], 2, c), dtype=acc, device=x.device)
+    config = _input_grad_config(x.dtype, precision, pool)
+
+    def input_grad(reduce, apply, train, grad_gamma, grad_beta):
+        extra = plan.odd if apply else (0, 0, 0)
+        tensors = (grad_y, weight, x, *norm_tensors, grad_x, sums, grad_gamma, grad_beta)
+        _tr.launch(
+            _conv1x1_input_grad_kernel, plan.input_grid, tensors, (*eps, *plan.input_scalars), x.device,
+            PD=window[0], PH=window[1], PW=window[2], RD=window[0] + extra[0], RH=window[1] + extra[1],
+            RW=window[2] + extra[2], REDUCE=reduce, APPLY=apply, TRAINING=train, ACCUMULATE=accumulate, VAR=var,
+            PREC=precision, acc=acc_type, **config,
+        )  # fmt: skip
+
+    def weight_grid(meta):
+        return _tr.cdiv(b, meta["BLOCK_B"]), _tr.cdiv(c, meta["BLOCK_C"]), plan.splits
+
+    _tr.launch(_conv1x1_weight_grad_kernel, weight_grid, (grad_y, x, *norm_tensors, part), (*eps, *plan.weight_scalars),
+               x.device, PD=window[0], PH=window[1], PW=window[2], PREC=precision, acc=acc_type, VAR=var)  # fmt: skip
+    grad_gamma, grad_beta = _tr.batch_norm_backward_passes(input_grad, sums, training)
+    grad_weight = part[0] if plan.splits == 1 else part.sum(0)
+    return grad_weight.to(weight.dtype), grad_gamma, grad_beta
+
+
+class _BackwardPlan(NamedTuple):
+    splits: int  # of the weight gradient's split-K
+    weight_scalars: tuple
+    input_grid: tuple
+    input_scalars: tuple
+    odd: tuple  # per spatial dim, 1 where pooling leaves a row the input gradient must still write
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_plan(x_shape, x_strides, y_shape, y_strides, g_strides, w_shape, w_strides, pool, dtype, precision, device):
+    """The grids' splits and the kernels' integer arguments of a backward, for one geometry."""
+    shapes = ((x_shape, x_strides), (y_shape, y_strides), (x_shape, g_strides))
+    x, grad_y, grad_x = (torch.empty_strided(shape, s, device="meta") for shape, s in shapes)
+    window = pool_window(len(x_shape), pool)
     if pool:
         (d, h, w), sx = _tr.geometry(x, merge=False)
         (od, oh, ow), sd = _tr.geometry(grad_y, merge=False)
@@ -425,54 +481,21 @@ def conv1x1_backward_triton(grad_y, x, norm: "_tr.NormArgs", weight, grad_x, tra
     else:
         (d, h, w), (sx, sd, sg) = _tr.common_geometry(x, grad_y, grad_x)
         od, oh, ow = d, h, w
-    n, c, b = x.size(0), x.size(1), weight.size(0)
+    n, c, b = x_shape[0], x_shape[1], w_shape[0]
     q_out, count = n * od * oh * ow, n * d * h * w
-    grad_y = grad_y.to(x.dtype)
-    acc = acc_dtype(x.dtype)
-    norm_args, flags = norm.kernel_args()
-    acc_type = _tr.acc_type(x.dtype)
-    precision = _tr.input_precision(x.dtype)
-    gpu = "interpreter" if _tr.interpreting() else "gpu"
-    geometry_args = (x.stride(0), x.stride(1), *sx)
-    dy_args = (grad_y.stride(0), grad_y.stride(1), *sd)
-
-    # grad_weight: split-K over the output pixels into partials in the accumulation dtype
-    align = _WEIGHT_GRAD_ALIGN[gpu]
-    # (the [splits, B, C] partials stay below the size of x: at most one layer-sized scratch).
-    max_splits = max(1, q_out * x.element_size() // (acc.itemsize * b))
-    splits, chunk = _tr.num_splits(_tr.cdiv(b, 64) * _tr.cdiv(c, 64), q_out, align, x.device, max_splits)
-    part = torch.empty((splits, b, c), dtype=acc, device=x.device)
-
-    def weight_grid(meta):
-        return _tr.cdiv(b, meta["BLOCK_B"]), _tr.cdiv(c, meta["BLOCK_C"]), splits
-
-    # grad_x and the BatchNorm sums.
-    config = _input_grad_config(x.dtype, precision, pool)
+    x_args, dy_args = (*x_strides[:2], *sx), (*y_strides[:2], *sd)
+    # grad_weight: split-K over the output pixels; the [splits, B, C] partials stay below the size of x
+    max_splits = max(1, q_out * dtype.itemsize // (acc_dtype(dtype).itemsize * b))
+    align = _WEIGHT_GRAD_ALIGN["interpreter" if _tr.interpreting() else "gpu"]
+    splits, chunk = _tr.num_splits(_tr.cdiv(b, 64) * _tr.cdiv(c, 64), q_out, align, device, max_splits)
+    weight_scalars = (c, b, q_out, chunk, *_tune_keys(x_strides[1], c, q_out), od, oh, ow, *dy_args, *x_args)
+    # grad_x and the BatchNorm sums
+    config = _input_grad_config(dtype, precision, pool)
     c_blocks = _tr.cdiv(c, config["BLOCK_C"])
-    x_splits, x_chunk = _tr.num_splits(c_blocks, q_out, config["BLOCK_Q"], x.device)
-    sums = torch.empty((x_splits, 2, c), dtype=acc, device=x.device)
-    odd = [0, 0, 0] if not pool else [s % 2 if p == 2 else 0 for s, p in zip((d, h, w), window)]
-
-    def input_grad(reduce, apply, train, grad_gamma, grad_beta):
-        extra = odd if apply else [0, 0, 0]
-        args = (
-            grad_y, weight, x, *norm_args, grad_x, sums, grad_gamma, grad_beta,
-            c, b, q_out, x_chunk, d, h, w, od, oh, ow, count,
-            *dy_args, weight.stride(0), weight.stride(1), *geometry_args, grad_x.stride(0), grad_x.stride(1), *sg,
-        )  # fmt: skip
-        _tr.launch(
-            _conv1x1_input_grad_kernel, (c_blocks, x_splits), args, x.device, PD=window[0], PH=window[1], PW=window[2],
-            RD=window[0] + extra[0], RH=window[1] + extra[1], RW=window[2] + extra[2],
-            REDUCE=reduce, APPLY=apply, TRAINING=train, ACCUMULATE=accumulate, PREC=precision, ACC=acc_type,
-            **flags, **config,
-        )  # fmt: skip
-
-    args = (grad_y, x, *norm_args, part, c, b, q_out, chunk, *_tune_keys(x, c, q_out), od, oh, ow, *dy_args, *geometry_args)
-    _tr.launch(_conv1x1_weight_grad_kernel, weight_grid, args, x.device, PD=window[0], PH=window[1], PW=window[2],
-               PREC=precision, ACC=acc_type, **flags)  # fmt: skip
-    grad_gamma, grad_beta = _tr.batch_norm_backward_passes(input_grad, sums, training)
-    grad_weight = part[0] if splits == 1 else part.sum(0)
-    return grad_weight.to(weight.dtype), grad_gamma, grad_beta
+    x_splits, x_chunk = _tr.num_splits(c_blocks, q_out, config["BLOCK_Q"], device)
+    input_scalars = (c, b, q_out, x_chunk, d, h, w, od, oh, ow, count, *dy_args, *w_strides, *x_args, *g_strides[:2], *sg)
+    odd = (0, 0, 0) if not pool else tuple(s % 2 if p == 2 else 0 for s, p in zip((d, h, w), window))
+    return _BackwardPlan(splits, weight_scalars, (c_blocks, x_splits), input_scalars, odd)
 
 
 def runs_conv1x1_triton(*tensors) -> bool:

@@ -28,10 +28,9 @@ class NormArgs(NamedTuple):
         return NormArgs(self.mean.to(dtype), torch.rsqrt(self.invstd.to(dtype) + self.eps), self.gamma, self.beta)
 
     def kernel_args(self) -> tuple:
-        """(mean, invstd or var, gamma, beta, eps_hi, eps_lo): eps as two float32 scalars whose sum is float64
-        exact (Triton passes Python floats as float32), and the ``VAR`` constexpr as a keyword."""
-        hi, lo = _split_eps(0.0 if self.eps is None else self.eps)
-        return (self.mean, self.invstd, self.gamma, self.beta, hi, lo), {"VAR": self.eps is not None}
+        """((mean, invstd or var, gamma, beta), (eps_hi, eps_lo), the ``VAR`` constexpr): eps as two float32
+        scalars whose sum is float64-exact (Triton passes Python floats as float32)."""
+        return self[:4], _split_eps(0.0 if self.eps is None else self.eps), self.eps is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -210,36 +210,40 @@ _COMPILED: dict = {}
 _MAX_COMPILED = 2**16
 
 
-def launch(kernel, grid, args: tuple, device: torch.device, **constexprs) -> dict:
-    """``kernel[grid](*args, **constexprs)`` on ``device``; returns the constexprs it ran with, the autotuned
-    ones (BLOCK sizes) included.
+def launch(kernel, grid, tensors: tuple, scalars: tuple, device: torch.device, acc, **constexprs) -> dict:
+    """``kernel[grid](*tensors, *scalars, ACC=acc, **constexprs)`` on ``device`` (the kernel takes its tensors
+    first; ``acc``, the accumulation dtype, follows from theirs); returns the constexprs it ran with, the
+    autotuned ones (BLOCK sizes) included.
 
     Triton's own launcher binds ~30 arguments, computes the specialization key and looks the kernel up on
     every call (tens of microseconds of host time).  A launch whose specialization was seen before (same
     integers, dtypes, pointer alignment and constexprs: exactly what Triton keys its compiled kernels on)
     goes straight to the compiled kernel's launcher, with the grid and autotuned config found the first time,
     the way Triton itself calls it.  The first launch (which compiles and autotunes, so never inside a CUDA
-    graph capture), the interpreter, another current device and Triton's launch hooks use ``kernel[grid]``.
+    graph capture), the interpreter, another current device, and Triton's launch hooks installed before a
+    specialization's first launch (profilers: then its launches stay Triton's) use ``kernel[grid]``.
     """
-    if device.type != "cuda" or device.index not in (None, torch.cuda.current_device()):
+    index = device.index
+    if device.type != "cuda" or index != torch.cuda.current_device():
         with device_guard(device):
-            kernel[grid](*args, **constexprs)
+            kernel[grid](*tensors, *scalars, ACC=acc, **constexprs)
         return {**constexprs, **_best_config(kernel)}
-    key = (id(kernel), *constexprs.values(), *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+    key = (kernel, *constexprs.values(), *scalars, *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
     entry = _COMPILED.get(key)
     if entry is None:  # the first launch of this specialization: Triton's launcher compiles and autotunes
-        compiled = kernel[grid](*args, **constexprs)
-        meta = {**constexprs, **_best_config(kernel)}
+        compiled = kernel[grid](*tensors, *scalars, ACC=acc, **constexprs)
+        meta = {**constexprs, "ACC": acc, **_best_config(kernel)}
         if len(_COMPILED) >= _MAX_COMPILED:  # many input shapes: start over rather than grow without bound
             _COMPILED.clear()
-        _COMPILED[key] = _compiled_entry(kernel, compiled, grid, args, meta)
+        _COMPILED[key] = _compiled_entry(kernel, compiled, grid, len(tensors) + len(scalars), meta)
         return meta
-    if entry[0] is None or _launch_hooks():
-        kernel[grid](*args, **constexprs)
-        return entry[3]
     compiled, size, tail, meta = entry
-    stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-    compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    if compiled is None:
+        kernel[grid](*tensors, *scalars, ACC=acc, **constexprs)
+        return meta
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *tensors, *scalars, *tail)  # fmt: skip
     return meta
 
 
@@ -248,14 +252,16 @@ def _best_config(kernel) -> dict:
     return dict(config.kwargs) if config is not None else {}
 
 
-def _compiled_entry(kernel, compiled, grid, args, meta) -> tuple:
+def _compiled_entry(kernel, compiled, grid, given: int, meta) -> tuple:
+    """(compiled kernel, grid, values of the parameters after the ``given`` positional ones, meta), the
+    compiled kernel None where its launcher cannot be called directly."""
     names = getattr(kernel, "arg_names", None)  # a JITFunction's or an Autotuner's
-    usable = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
-    if not usable or names is None or any(name not in meta for name in names[len(args) :]):
+    usable = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")) and not _launch_hooks()
+    if not usable or names is None or any(name not in meta for name in names[given:]):
         return None, None, None, meta
     size = grid(meta) if callable(grid) else grid
     size = (*size, 1, 1)[:3]
-    return compiled, size, tuple(meta[name] for name in names[len(args) :]), meta
+    return compiled, size, tuple(meta[name] for name in names[given:]), meta
 
 
 def _launch_hooks() -> bool:

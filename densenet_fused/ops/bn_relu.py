@@ -5,6 +5,8 @@ gradient that flows through them (the train-mode BatchNorm formula); otherwise t
 (running statistics, the eval-mode formula).
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -86,7 +88,7 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.jit
     def _bn_relu_backward_kernel(
-        gz_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, eps_hi, eps_lo, gx_ptr, sums_ptr, grad_gamma_ptr, grad_beta_ptr,
+        gz_ptr, x_ptr, mean_ptr, v_ptr, gamma_ptr, beta_ptr, gx_ptr, sums_ptr, grad_gamma_ptr, grad_beta_ptr, eps_hi, eps_lo,
         C, Q, chunk, D, H, W, count,
         szn, szc, szd, szh, szw,
         sxn, sxc, sxd, sxh, sxw,
@@ -138,6 +140,19 @@ _BACKWARD_CONFIG = {"gpu": {"BLOCK_C": 32, "BLOCK_Q": 128, "BLOCK_S": 32, "num_w
                     "interpreter": {"BLOCK_C": 64, "BLOCK_Q": 64, "BLOCK_S": 64}}  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)
+def _backward_plan(shape, z_strides, x_strides, g_strides, device):
+    """(grid, the kernel's integer arguments) of ``_bn_relu_backward_kernel`` for one geometry."""
+    views = (torch.empty_strided(shape, s, device="meta") for s in (z_strides, x_strides, g_strides))
+    (d, h, w), (sz, sx, sg) = _tr.common_geometry(*views)
+    c, q = shape[1], shape[0] * d * h * w
+    config = _tr.pick_config(_BACKWARD_CONFIG["gpu"], _BACKWARD_CONFIG["interpreter"])
+    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
+    splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], device)
+    strides = (*z_strides[:2], *sz, *x_strides[:2], *sx, *g_strides[:2], *sg)
+    return (c_blocks, splits), (c, q, chunk, d, h, w, q, *strides)
+
+
 def bn_relu_triton(x, mean, invstd, gamma, beta):
     """bn_relu with a Triton kernel (empty inputs and more than 3 spatial dims use the reference)."""
     if not _tr.runs_triton(x) or _tr.common_geometry(x) is None:
@@ -145,17 +160,25 @@ def bn_relu_triton(x, mean, invstd, gamma, beta):
     return bn_relu_launch(x, _tr.NormArgs.of(mean, invstd, gamma, beta))
 
 
-def bn_relu_launch(x, norm: "_tr.NormArgs", out=None):
-    """relu(bn(x)) into ``out`` (allocated in x's layout when None) with the Triton kernel; returns it."""
-    out = empty_like_layout(x, x.size(1)) if out is None else out
-    (d, h, w), (sx, sy) = _tr.common_geometry(x, out)
-    c, q = x.size(1), x.size(0) * d * h * w
-    norm_args, flags = norm.kernel_args()
+def bn_relu_launch(x, norm: "_tr.NormArgs"):
+    """relu(bn(x)), in x's layout, with the Triton kernel."""
+    out = empty_like_layout(x, x.size(1))
+    grid, scalars = _elementwise_plan(x.shape, x.stride(), out.stride(), x.device)
+    norm_tensors, eps, var = norm.kernel_args()
+    config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
+    _tr.launch(_bn_relu_kernel, grid, (x, out, *norm_tensors), (*eps, *scalars), x.device, VAR=var,
+               acc=_tr.acc_type(x.dtype), **config)  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _elementwise_plan(shape, x_strides, y_strides, device):
+    """(grid, the kernel's integer arguments) of ``_bn_relu_kernel`` for one geometry."""
+    (d, h, w), (sx, sy) = _tr.common_geometry(*(torch.empty_strided(shape, s, device="meta") for s in (x_strides, y_strides)))
+    c, q = shape[1], shape[0] * d * h * w
     config = _tr.pick_config(_ELEMENTWISE_CONFIG["gpu"], _ELEMENTWISE_CONFIG["interpreter"])
     grid = (_tr.cdiv(q, config["BLOCK_Q"]), _tr.cdiv(c, config["BLOCK_C"]))
-    args = (x, out, *norm_args, c, q, d, h, w, x.stride(0), x.stride(1), *sx, out.stride(0), out.stride(1), *sy)
-    _tr.launch(_bn_relu_kernel, grid, args, x.device, ACC=_tr.acc_type(x.dtype), **flags, **config)
-    return out
+    return grid, (c, q, d, h, w, *x_strides[:2], *sx, *y_strides[:2], *sy)
 
 
 def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
@@ -168,21 +191,15 @@ def bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training):
 def bn_relu_backward_launch(grad_z, x, norm: "_tr.NormArgs", training: bool):
     """(grad_x in x's layout, grad_gamma, grad_beta) of relu(bn(x)) with the Triton kernels."""
     grad_x = empty_like_layout(x, x.size(1))
-    (d, h, w), (sz, sx, sg) = _tr.common_geometry(grad_z, x, grad_x)
-    c, q = x.size(1), x.size(0) * d * h * w
-    norm_args, flags = norm.kernel_args()
+    grid, scalars = _backward_plan(x.shape, grad_z.stride(), x.stride(), grad_x.stride(), x.device)
+    norm_tensors, eps, var = norm.kernel_args()
     config = _tr.pick_config(_BACKWARD_CONFIG["gpu"], _BACKWARD_CONFIG["interpreter"])
-    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
-    splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
-    sums = torch.empty((splits, 2, c), dtype=acc_dtype(x.dtype), device=x.device)
+    sums = torch.empty((grid[1], 2, x.size(1)), dtype=acc_dtype(x.dtype), device=x.device)
 
     def launch(reduce, apply, train, grad_gamma, grad_beta):
-        args = (
-            grad_z, x, *norm_args, grad_x, sums, grad_gamma, grad_beta, c, q, chunk, d, h, w, q,
-            grad_z.stride(0), grad_z.stride(1), *sz, x.stride(0), x.stride(1), *sx, grad_x.stride(0), grad_x.stride(1), *sg,
-        )  # fmt: skip
-        _tr.launch(_bn_relu_backward_kernel, (c_blocks, splits), args, x.device, REDUCE=reduce, APPLY=apply,
-                   TRAINING=train, ACC=_tr.acc_type(x.dtype), **flags, **config)  # fmt: skip
+        tensors = (grad_z, x, *norm_tensors, grad_x, sums, grad_gamma, grad_beta)
+        _tr.launch(_bn_relu_backward_kernel, grid, tensors, (*eps, *scalars), x.device, REDUCE=reduce, APPLY=apply,
+                   TRAINING=train, VAR=var, acc=_tr.acc_type(x.dtype), **config)  # fmt: skip
 
     grad_gamma, grad_beta = _tr.batch_norm_backward_passes(launch, sums, training)
     return grad_x, grad_gamma, grad_beta

@@ -5,6 +5,8 @@ norm1 reuses them: a channel's data never changes after it is written.  The same
 norm's per-sample statistics (``instance_stats``).
 """
 
+import functools
+
 import torch
 
 from . import _triton as _tr
@@ -44,8 +46,8 @@ if _tr.TRITON_AVAILABLE:
 
     @triton.jit
     def _stats_pass_kernel(
-        x_ptr, y_ptr, m_ptr, part_ptr,
-        C, Q, chunk, D, H, W, drop_scale,
+        x_ptr, y_ptr, m_ptr, part_ptr, drop_scale,
+        C, Q, chunk, D, H, W,
         sxn, sxc, sxd, sxh, sxw,
         syn, syc, syd, syh, syw,
         smn, smc, smd, smh, smw,
@@ -121,7 +123,8 @@ def finalize_stats(part: torch.Tensor, splits: int, q: int, chunk: int, mean: to
     c = part.size(2)
     config = _tr.pick_config(_FINALIZE_CONFIG["gpu"], _FINALIZE_CONFIG["interpreter"])
     grid = (_tr.cdiv(c, config["BLOCK_C"]),)
-    _tr.launch(finalize_stats_kernel, grid, (part, mean, var, c, q, splits, chunk), part.device, ACC=_tr.acc_type(part.dtype), **config)
+    _tr.launch(finalize_stats_kernel, grid, (part, mean, var), (c, q, splits, chunk), part.device,
+               acc=_tr.acc_type(part.dtype), **config)  # fmt: skip
 
 
 def stats_pass(x: torch.Tensor, y=None, keep=None, drop_scale: float = 1.0, stats=None) -> None:
@@ -129,26 +132,28 @@ def stats_pass(x: torch.Tensor, y=None, keep=None, drop_scale: float = 1.0, stat
     ``keep * drop_scale`` when a dropout mask is given (``keep`` broadcastable as x: [N, C, 1, 1] drops
     whole channels), and write its channels' mean and biased variance into ``stats`` = (mean, var) when
     given.  The caller checked that the Triton kernels take x (``runs_triton`` and ``common_geometry``)."""
-    (d, h, w), (sx, *rest) = _tr.common_geometry(x, *(t for t in (y, keep) if t is not None))
-    c, q = x.size(1), x.size(0) * d * h * w
+    plan = _stats_plan(x.shape, x.stride(), None if y is None else y.stride(), None if keep is None else keep.stride(), x.device)
+    (c, q, chunk), splits, scalars = plan
+    part = torch.empty((splits, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if stats is not None else x
+    tensors = (x, x if y is None else y, x if keep is None else keep, part)
     config = _tr.pick_config(_STATS_CONFIG["gpu"], _STATS_CONFIG["interpreter"])
-    c_blocks = _tr.cdiv(c, config["BLOCK_C"])
-    splits, chunk = _tr.num_splits(c_blocks, q, config["BLOCK_Q"], x.device)
-    acc = acc_dtype(x.dtype)
-    part = torch.empty((splits, 2, c), dtype=acc, device=x.device) if stats is not None else x
-    rest = iter(rest)
-    sy = next(rest) if y is not None else (0, 0, 0)
-    sm = next(rest) if keep is not None else (0, 0, 0)
-    args = (
-        x, x if y is None else y, x if keep is None else keep, part, c, q, chunk, d, h, w, drop_scale,
-        x.stride(0), x.stride(1), *sx,
-        *((y.stride(0), y.stride(1), *sy) if y is not None else (0, 0, 0, 0, 0)),
-        *((keep.stride(0), keep.stride(1), *sm) if keep is not None else (0, 0, 0, 0, 0)),
-    )  # fmt: skip
-    _tr.launch(_stats_pass_kernel, (c_blocks, splits), args, x.device, STORE=y is not None, DROP=keep is not None,
-               STATS=stats is not None, ACC=_tr.acc_type(x.dtype), **config)  # fmt: skip
+    _tr.launch(_stats_pass_kernel, (_tr.cdiv(c, config["BLOCK_C"]), splits), tensors, (drop_scale, *scalars), x.device,
+               STORE=y is not None, DROP=keep is not None, STATS=stats is not None, acc=_tr.acc_type(x.dtype), **config)  # fmt: skip
     if stats is not None:
         finalize_stats(part, splits, q, chunk, *stats)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stats_plan(shape, x_strides, y_strides, m_strides, device):
+    """((C, pixels, chunk), splits, the kernel's integer arguments) of ``stats_pass`` for one geometry."""
+    views = [torch.empty_strided(shape, s, device="meta") for s in (x_strides, y_strides, m_strides) if s is not None]
+    (d, h, w), found = _tr.common_geometry(*views)
+    c, q = shape[1], shape[0] * d * h * w
+    config = _tr.pick_config(_STATS_CONFIG["gpu"], _STATS_CONFIG["interpreter"])
+    splits, chunk = _tr.num_splits(_tr.cdiv(c, config["BLOCK_C"]), q, config["BLOCK_Q"], device)
+    found = iter(found)
+    geometry = [(s[0], s[1], *next(found)) if s is not None else (0,) * 5 for s in (x_strides, y_strides, m_strides)]
+    return (c, q, chunk), splits, (c, q, chunk, d, h, w, *geometry[0], *geometry[1], *geometry[2])
 
 
 def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,8 +32,12 @@ def empty_like_layout(x: torch.Tensor, channels: int, dtype=None, spatial=None) 
     dtype = dtype or x.dtype
     if not is_channels_last(x):
         return torch.empty((n, channels, *spatial), dtype=dtype, device=x.device)
-    out = torch.empty((n, *spatial, channels), dtype=dtype, device=x.device)
-    return out.movedim(-1, 1)
+    # the strides of torch.empty((n, *spatial, channels)).movedim(-1, 1), in one allocation call
+    strides, step = [], channels
+    for size in reversed(spatial):
+        strides.append(step)
+        step *= size
+    return torch.empty_strided((n, channels, *spatial), (step, 1, *reversed(strides)), dtype=dtype, device=x.device)
 
 
 def to_layout_of(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
