@@ -89,26 +89,29 @@ if _tr.TRITON_AVAILABLE:
         ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         """mean and biased variance of each channel from the (mean, M2) partials of ``splits`` chunks of
-        ``chunk`` pixels (the last ones shorter or empty) in part[splits, 0/1, C]: Chan's merge, two passes."""
+        ``chunk`` pixels (the last ones shorter or empty) in part[splits, 0/1, C]: BLOCK_S chunks at a time are
+        merged with each other, then into the running (count, mean, M2), both by Chan's formula."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        total = tl.zeros([BLOCK_C], dtype=ACC)
-        for s0 in range(0, splits, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask = (offs_s < splits)[:, None] & mask_c[None, :]
-            counts = tl.maximum(tl.minimum(chunk, Q - offs_s * chunk), 0).to(ACC)
-            means = tl.load(part_ptr + (2 * offs_s)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-            total += tl.sum(counts[:, None] * means, axis=0)
-        mean = total / Q
+        count = tl.zeros([BLOCK_C], dtype=ACC)
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
         m2 = tl.zeros([BLOCK_C], dtype=ACC)
         for s0 in range(0, splits, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask = (offs_s < splits)[:, None] & mask_c[None, :]
-            counts = tl.maximum(tl.minimum(chunk, Q - offs_s * chunk), 0).to(ACC)
+            counts = tl.where(mask, tl.maximum(tl.minimum(chunk, Q - offs_s * chunk), 0).to(ACC)[:, None], 0.0)
             means = tl.load(part_ptr + (2 * offs_s)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
             m2s = tl.load(part_ptr + (2 * offs_s + 1)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-            delta = tl.where(mask, means - mean[None, :], 0.0)
-            m2 += tl.sum(m2s + counts[:, None] * delta * delta, axis=0)
+            block_count = tl.sum(counts, axis=0)
+            block_mean = tl.sum(counts * means, axis=0) / tl.maximum(block_count, 1.0)
+            delta = tl.where(mask, means - block_mean[None, :], 0.0)
+            block_m2 = tl.sum(m2s + counts * delta * delta, axis=0)
+            total = count + block_count
+            share = block_count / tl.maximum(total, 1.0)
+            step = block_mean - mean
+            mean += step * share
+            m2 += block_m2 + step * step * count * share
+            count = total
         tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=mask_c)
         tl.store(var_ptr + offs_c, (m2 / Q).to(var_ptr.dtype.element_ty), mask=mask_c)
 
