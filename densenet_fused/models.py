@@ -13,6 +13,7 @@ from torchvision.models._utils import handle_legacy_interface
 from . import distributed
 from . import norm as bn
 from . import stem_head, tracing
+from .block import unfused
 from .block.modules import _DenseBlock, _Transition, layer_types, norm_factory
 
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
@@ -162,11 +163,12 @@ class DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``classifier(flatten(avg_pool(relu(features(x)))))``, with the stem's norm0 -> relu0 -> pool0 and the
         head's norm5 -> ReLU -> average fused where they are torchvision's modules (``stem_head.fusable``):
-        their backward saves conv0's output and the last block's buffer only."""
+        their backward saves conv0's output and the last block's buffer only.  Empty batches and torch.func
+        transforms run every module as torchvision's (``block.unfused``)."""
         if tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
             return self._head(self.features(x))
         self._check_input(x)
-        stem, head = stem_head.fusable(self.features, self.spatial_dims)
+        stem, head = stem_head.fusable(self.features, self.spatial_dims) if unfused.fusable_input(x) else (False, False)
         if not (stem or head):
             return self._head(self.features(x))
         modules, out = list(self.features), x
@@ -196,8 +198,6 @@ class DenseNet(nn.Module):
             raise TypeError(f"DenseNet expects a floating-point input, got {x.dtype}")
         if x.device != conv0.weight.device:
             raise RuntimeError(f"DenseNet: input is on {x.device} but the parameters are on {conv0.weight.device}")
-        if x.size(0) == 0:
-            raise ValueError(f"DenseNet got an empty batch (input shape {tuple(x.shape)})")
         kernel, stride, padding = conv0.kernel_size[0], conv0.stride[0], conv0.padding[0]
         size = [(s + 2 * padding - kernel) // stride + 1 for s in x.shape[2:]]
         for name, module in self.features.named_children():

@@ -8,7 +8,8 @@ reference instead (``ops._autograd.bn_autograd``), so double backward works.
 
 Only a plain BatchNorm computing this process's statistics, or an InstanceNorm (per-sample statistics, as in the
 blocks), with no hooks, is fused; ``DenseNet.forward`` runs anything else (SyncBatchNorm across processes, other
-norms, hooks, edited ``features``) as modules.
+norms, hooks, edited ``features``), and empty batches and torch.func transforms as the blocks do
+(``block.unfused``), as modules.
 """
 
 import math
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .block import layer_types, norm_inputs
+from .block import layer_types, norm_inputs, unfused
 from .ops import bn_relu, bn_relu_backward
 from .ops._autograd import bn_autograd
 from .ops.bn_relu import bn_relu_reference
@@ -137,39 +138,31 @@ def fusable(features: nn.Module, spatial_dims: int) -> tuple[bool, bool]:
     """(stem, head): whether ``features[1:4]`` (norm0, relu0, pool0) and ``features[-1]`` (norm5) can run fused.
 
     Only the modules torchvision (or MONAI) builds qualify (a BatchNorm or InstanceNorm of that rank, or a
-    SyncBatchNorm computing this process's statistics; nn.ReLU; pool0's max pool), and only where calling them, and ``features``, would run
-    nothing but their forward (no hooks of theirs, no global ones).
+    SyncBatchNorm computing this process's statistics; nn.ReLU; pool0's max pool), and only where calling them,
+    and ``features``, would run nothing but their forward (``unfused.runs_plain``); hooks keeping an end from
+    being fused warn once, as in the blocks.
     """
-    if type(features) is not nn.Sequential or not _runs_plain(features):
+    if type(features) is not nn.Sequential:
         return False, False
     modules, types = list(features), layer_types(spatial_dims)
-    stem = len(modules) >= 4 and _plain_norm(modules[1], types) and _plain_relu(modules[2])
+    stem = len(modules) >= 4 and _is_norm(modules[1], types) and type(modules[2]) is nn.ReLU
     stem = stem and _is_pool0(modules[3], types.max_pool)
-    head = len(modules) > 0 and _plain_norm(modules[-1], types)
-    return stem, head
+    head = len(modules) > 0 and _is_norm(modules[-1], types)
+    plain = unfused.runs_plain
+    hooked_stem = stem and not (plain(features) and all(map(plain, modules[1:4])))
+    hooked_head = head and not (plain(features) and plain(modules[-1]))
+    if hooked_stem or hooked_head:
+        unfused.warn_once(features, "DenseNet.features (its stem and head)")
+    return stem and not hooked_stem, head and not hooked_head
 
 
-def _runs_plain(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs its forward and nothing else: no hooks of its own, no global ones."""
-    hooks = nn.modules.module
-    return not (
-        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
-        or hooks._global_forward_pre_hooks or hooks._global_forward_hooks
-        or hooks._global_backward_pre_hooks or hooks._global_backward_hooks
-    )  # fmt: skip
-
-
-def _plain_norm(norm: nn.Module, types) -> bool:
+def _is_norm(norm: nn.Module, types) -> bool:
     norms = (types.norm, types.instance_norm, nn.SyncBatchNorm)
-    return type(norm) in norms and _runs_plain(norm) and distributed.sync_group(norm) is None
-
-
-def _plain_relu(relu: nn.Module) -> bool:
-    return type(relu) is nn.ReLU and _runs_plain(relu)
+    return type(norm) in norms and distributed.sync_group(norm) is None
 
 
 def _is_pool0(pool: nn.Module, pool_type: type) -> bool:
-    if type(pool) is not pool_type or not _runs_plain(pool):
+    if type(pool) is not pool_type:
         return False
     geometry = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, pool.return_indices)
     return geometry == (3, 2, 1, 1, False, False)

@@ -22,7 +22,6 @@ BAD_INPUTS = {
     "wrong_channels": (torch.randn(2, 4, 32, 32), ValueError, "expects 3 input channels, got 4"),
     "wrong_rank": (torch.randn(3, 32, 32), ValueError, "4-D input"),
     "integer_dtype": (torch.ones(2, 3, 32, 32, dtype=torch.int64), TypeError, "floating-point input, got torch.int64"),
-    "empty_batch": (torch.randn(0, 3, 32, 32), ValueError, "empty batch"),
     "other_device": (torch.randn(2, 3, 32, 32, device="meta"), RuntimeError, "input is on meta but the parameters are on cpu"),
     "too_small_to_pool": (torch.randn(2, 3, 4, 4), ValueError, "too small: transition1 sees 1x1"),
 }
@@ -43,7 +42,6 @@ BLOCK_BAD_INPUTS = {
     "wrong_channels": (torch.randn(2, 5, 6, 6), ValueError, "expects 4 input channels, got 5"),
     "wrong_rank": (torch.randn(2, 4, 6), ValueError, "4-D input"),
     "integer_dtype": (torch.ones(2, 4, 6, 6, dtype=torch.int32), TypeError, "floating-point input"),
-    "empty_batch": (torch.randn(0, 4, 6, 6), ValueError, "empty batch"),
     "other_device": (torch.randn(2, 4, 6, 6, device="meta"), RuntimeError, "input is on meta"),
     "dtype_mismatch": (torch.randn(2, 4, 6, 6, dtype=torch.float64), TypeError, "does not match the parameters' torch.float32"),
 }

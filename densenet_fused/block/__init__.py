@@ -14,7 +14,8 @@ One job per file:
 * ``inputs``: input checks, the autocast dtype, and a norm's statistics for the fused ends;
 * ``plan``: what each layer does in one forward (``LayerPlan``), packed into the op's arguments;
 * ``ops``: the two custom ops, ``dense_block`` and ``dense_block_backward`` (the layer loops);
-* ``autograd``: their autograd, the in-place gradient and the differentiable (double) backward.
+* ``autograd``: their autograd, the in-place gradient and the differentiable (double) backward;
+* ``unfused``: when the modules run as torchvision's instead (hooks inside, empty batches, torch.func), and how.
 
 The whole block is one custom op, so torch.compile sees it as opaque: the buffer, its slices and the
 in-place gradient accumulation are the op's own business.

@@ -26,13 +26,14 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
     """Run ``layers`` over one buffer holding ``inputs`` (a tensor or a list) concatenated; return the buffer."""
     first = layers[0]
     inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
-    dtype = _check_input(inputs, first.norm1.num_features, first.conv1.weight, what)
+    weights = [(layer.conv1.weight, layer.conv2.weight) for layer in layers]  # once: parametrizations may have state
+    dtype = _check_input(inputs, first.norm1.num_features, weights[0][0], what)
     inputs = [x.to(dtype) for x in inputs]
     x = inputs[0]
     acc = acc_dtype(dtype)
     instance = _instance([norm for layer in layers for norm in (layer.norm1, layer.norm2)], what)
     plans, params, running, batch_norms = [], [], [], []
-    for layer in layers:
+    for layer, (weight1, weight2) in zip(layers, weights):
         plan = _LayerPlan(
             growth=layer.conv2.out_channels,
             width=layer.conv1.out_channels,
@@ -52,7 +53,7 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
         gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
         gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
         # conv1's weight as it is (the kernels cast its tiles as autocast would), conv2's for cuDNN (as autocast casts)
-        params.append(_LayerParams(gamma1, beta1, layer.conv1.weight, gamma2, beta2, layer.conv2.weight.to(dtype)))
+        params.append(_LayerParams(gamma1, beta1, weight1, gamma2, beta2, weight2.to(dtype)))
     sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])

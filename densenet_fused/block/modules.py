@@ -1,4 +1,5 @@
-"""The block's modules: torchvision's names, parameters and initialization, with fused forwards."""
+"""The block's modules: torchvision's names, parameters and initialization, with fused forwards (torchvision's
+where ``unfused`` says so: hooks inside, empty batches, torch.func)."""
 
 from dataclasses import dataclass
 from functools import partial
@@ -8,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .. import tracing
+from . import unfused
 from ..ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward
 from .forward import dense_layers_forward
 from .inputs import _check_input, norm_inputs
@@ -84,6 +86,8 @@ class _DenseLayer(nn.Module):
         """A tensor or a list of tensors (concatenated along channels) in, ``growth_rate`` channels out."""
         if tracing.is_fx_traced(input):
             return tracing.leaf_call(self, input)
+        if not unfused.runs_fused(self, input):
+            return unfused.dense_layer(self, input)
         buf = dense_layers_forward([self], input, type(self).__name__)
         return buf[:, self.norm1.num_features :]
 
@@ -127,6 +131,8 @@ class _DenseBlock(nn.ModuleDict):
         """
         if tracing.is_fx_traced(init_features):
             return tracing.leaf_call(self, init_features)
+        if not unfused.runs_fused(self, init_features):
+            return unfused.dense_block(self, init_features)
         return dense_layers_forward(list(self.values()), init_features, "DenseBlock")
 
 
@@ -148,11 +154,14 @@ class _Transition(nn.Sequential):
     def forward(self, input: Tensor) -> Tensor:
         if tracing.is_fx_traced(input):
             return tracing.leaf_call(self, input)
-        dtype = _check_input([input], self.norm.num_features, self.conv.weight, "Transition")
+        if not unfused.runs_fused(self, input):
+            return unfused.transition(self, input)
+        weight = self.conv.weight  # once: a parametrization may have state (spectral_norm)
+        dtype = _check_input([input], self.norm.num_features, weight, "Transition")
         if any(size < 2 for size in input.shape[2:]):
             raise ValueError(f"Transition pools by 2 and needs a spatial size of at least 2, got {tuple(input.shape)}")
         input = input.to(dtype)
-        weight = self.conv.weight.to(dtype).flatten(1)
+        weight = weight.to(dtype).flatten(1)
         stats, training, sync = norm_inputs(self.norm, input, "Transition")
         if sync is None:
             return bn_relu_pool_conv1x1(input, *stats, weight, training)
