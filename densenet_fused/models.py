@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models import densenet as tv
 from torchvision.models._utils import handle_legacy_interface
 
-from . import distributed
+from . import _monai_checkpoints, distributed
 from . import norm as bn
 from . import stem_head, tracing
 from .block import unfused
@@ -41,6 +41,9 @@ class DenseNet(nn.Module):
           (InstanceNorm, MONAI's choice for small batches of 3-D volumes), or MONAI's ``(name, kwargs)``
         small_inputs (bool, keyword-only) - if True, the stem is a 3x3 stride-1 conv alone (no norm0, relu0, pool0),
           as in the CIFAR/SVHN networks of Huang et al.; False (default): torchvision's ImageNet stem
+
+    ``load_state_dict`` takes a MONAI DenseNet's keys (``denselayerN.layers.*``, ``class_layers.out.*``) as
+    well as torchvision's: a load_state_dict pre-hook renames them.
     """
 
     def __init__(
@@ -116,6 +119,9 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
+        # MONAI's state_dict keys load as they are (as torchvision's loader takes its legacy DenseNet keys)
+        self.register_load_state_dict_pre_hook(_monai_checkpoints.rename_monai_keys)
+
     @classmethod
     def from_monai_config(
         cls,
@@ -130,33 +136,35 @@ class DenseNet(nn.Module):
         norm: str | tuple = "batch",
         dropout_prob: float = 0.0,
         memory_efficient: bool = True,
+        pretrained: bool = False,
+        progress: bool = True,
     ) -> "DenseNet":
         """The network ``monai.networks.nets.DenseNet`` builds from these arguments (MONAI's names and defaults).
 
         Same layers, initialization and numerics; module names and state_dict keys are torchvision's
-        (``load_monai_state_dict`` and ``monai_state_dict`` translate MONAI's).  The fused blocks apply ReLU
-        only (MONAI's default), with MONAI's "batch" or "instance" norm and its arguments, and dropout only
-        in 1-D: in 2-D and 3-D MONAI drops whole channels, the fused blocks single values (as torchvision's).
+        (``load_state_dict`` takes MONAI's keys as well; ``monai_state_dict`` gives them).  The fused blocks
+        apply ReLU only (MONAI's default), with MONAI's "batch" or "instance" norm and its arguments, and
+        dropout only in 1-D: in 2-D and 3-D MONAI drops whole channels, the fused blocks single values (as
+        torchvision's).  ``pretrained`` and ``progress`` are those of MONAI's ``DenseNet121/169/201/264``, the
+        one whose default ``block_config`` this is (``densenet_fused.monai`` has those classes themselves).
         """
-        if _monai_layer_spec(act)[0] != "relu":
-            raise ValueError(f"fused dense blocks apply ReLU only, got act={act!r}")
-        if dropout_prob > 0 and spatial_dims != 1:
-            raise ValueError(
-                f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
-                f"single values: dropout_prob must be 0 for spatial_dims={spatial_dims}, got {dropout_prob}"
-            )
-        return cls(
-            growth_rate=growth_rate,
-            block_config=tuple(block_config),
-            num_init_features=init_features,
-            bn_size=bn_size,
-            drop_rate=dropout_prob,
-            num_classes=out_channels,
-            memory_efficient=memory_efficient,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            norm=_monai_layer_spec(norm),
-        )
+        kwargs = monai_arguments(
+            spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, bn_size, act, norm,
+            dropout_prob,
+        )  # fmt: skip
+        arch = _MONAI_ARCHS.get(tuple(block_config))
+        if pretrained:
+            if arch is None:
+                configs = ", ".join(f"{name}: {config}" for config, name in _MONAI_ARCHS.items())
+                raise ValueError(
+                    f"pretrained=True takes the weights of MONAI's network with this block_config ({configs}), "
+                    f"got block_config={tuple(block_config)}"
+                )
+            _monai_checkpoints.check_pretrained(arch, spatial_dims)  # MONAI's errors (before building here)
+        model = cls(**kwargs, memory_efficient=memory_efficient)
+        if pretrained:
+            _monai_checkpoints.load_pretrained(model, arch, progress)
+        return model
 
     __prepare_scriptable__ = tracing.refuse_torchscript
 
@@ -213,6 +221,46 @@ class DenseNet(nn.Module):
                     sees = "x".join(map(str, size))
                     raise ValueError(f"DenseNet input {tuple(x.shape)} is too small: {name} sees {sees}")
                 size = [s // 2 for s in size]
+
+
+_MONAI_ARCHS = {(6, 12, 24, 16): "densenet121", (6, 12, 32, 32): "densenet169", (6, 12, 48, 32): "densenet201",
+                (6, 12, 64, 48): "densenet264"}  # fmt: skip
+
+
+def monai_arguments(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    init_features: int,
+    growth_rate: int,
+    block_config: Sequence[int],
+    bn_size: int,
+    act: str | tuple,
+    norm: str | tuple,
+    dropout_prob: float,
+) -> dict:
+    """``DenseNet``'s arguments for MONAI's; ``ValueError`` for what the fused blocks do not compute."""
+    if _monai_layer_spec(act)[0] != "relu":
+        raise ValueError(
+            f"fused dense blocks apply ReLU only: act must be 'relu' or ('relu', {{...}}), got act={act!r}"
+        )
+    if dropout_prob > 0 and spatial_dims != 1:
+        raise ValueError(
+            f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
+            f"single values: dropout_prob must be 0 for spatial_dims={spatial_dims}, got {dropout_prob} "
+            "(dropout_prob > 0 is supported for spatial_dims=1, where MONAI uses nn.Dropout)"
+        )
+    return dict(
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),
+        num_init_features=init_features,
+        bn_size=bn_size,
+        drop_rate=dropout_prob,
+        num_classes=out_channels,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        norm=_monai_layer_spec(norm),
+    )
 
 
 def _monai_layer_spec(spec: str | tuple) -> tuple[str, dict]:

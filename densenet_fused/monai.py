@@ -1,41 +1,212 @@
-"""MONAI checkpoints: a MONAI DenseNet's state_dict and ours differ only in their keys.
+"""MONAI's DenseNets on the fused blocks: ``monai.networks.nets.densenet``'s names, signatures and defaults.
 
-MONAI nests each dense layer's modules in ``layers`` and names the classifier ``class_layers.out``; ours
-(torchvision's) keep them on the layer and call it ``classifier``.  MONAI itself is not needed.
+``DenseNet``, ``DenseNet121``, ``DenseNet169``, ``DenseNet201`` and ``DenseNet264`` (and MONAI's aliases
+``Densenet``, ``Densenet121``, ``densenet121``, ...) build the network ``DenseNet.from_monai_config`` builds,
+with MONAI's ``pretrained``: torchvision's ImageNet weights whose MONAI names and shapes fit, fetched through
+torch.hub's loader (the same URLs and cache files as MONAI), with a fresh classifier (and conv0 when
+``in_channels != 3``); a 3-D network or DenseNet264 with ``pretrained=True`` raises MONAI's
+``NotImplementedError``.  MONAI itself is not needed.
+
+Checkpoints: every ``densenet_fused.DenseNet`` loads a MONAI DenseNet's state_dict as it is
+(``load_state_dict``, strict or not); ``monai_state_dict`` gives ours under MONAI's keys.
 """
 
-import re
+from collections.abc import Sequence
 
 from torch import nn
 
-_TO_OURS = [
-    (re.compile(r"^(.*\.denselayer\d+)\.layers\.(.+)$"), r"\1.\2"),
-    (re.compile(r"^class_layers\.out\."), "classifier."),
-]
-_TO_MONAI = [
-    (re.compile(r"^(.*\.denselayer\d+)\.((?:norm|conv)[12]\..+)$"), r"\1.layers.\2"),
-    (re.compile(r"^classifier\."), "class_layers.out."),
-]
+from . import _monai_checkpoints as checkpoints
+from . import models
 
-
-def _renamed(state_dict: dict, rules: list) -> dict:
-    renamed = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            key = pattern.sub(replacement, key)
-        renamed[key] = value
-    return renamed
+__all__ = [
+    "DenseNet",
+    "Densenet",
+    "DenseNet121",
+    "densenet121",
+    "Densenet121",
+    "DenseNet169",
+    "densenet169",
+    "Densenet169",
+    "DenseNet201",
+    "densenet201",
+    "Densenet201",
+    "DenseNet264",
+    "densenet264",
+    "Densenet264",
+    "load_monai_state_dict",
+    "monai_state_dict",
+]
 
 
 def monai_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` under MONAI's keys, for a MONAI ``DenseNet`` of the same configuration to load."""
-    return _renamed(model.state_dict(), _TO_MONAI)
+    return checkpoints.to_monai(model.state_dict())
 
 
 def load_monai_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
     """Load a MONAI ``DenseNet`` state_dict into ``model`` (e.g. one ``DenseNet.from_monai_config`` built).
 
     Returns what ``model.load_state_dict`` returns; with ``strict=True`` a key MONAI's network has and ours
-    has not (or the reverse) raises, as ``load_state_dict`` does.
+    has not (or the reverse) raises, as ``load_state_dict`` does.  (A ``densenet_fused.DenseNet`` also takes
+    MONAI's keys in ``load_state_dict`` itself; this works for any model holding our key names.)
     """
-    return model.load_state_dict(_renamed(state_dict, _TO_OURS), strict=strict)
+    return model.load_state_dict(checkpoints.to_ours(state_dict), strict=strict)
+
+
+class DenseNet(models.DenseNet):
+    """MONAI's ``DenseNet(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+    bn_size, act, norm, dropout_prob)`` on the fused blocks (``models.DenseNet.from_monai_config``'s network).
+
+    ReLU only (MONAI's default ``act``), MONAI's "batch" or "instance" norm, and ``dropout_prob > 0`` in 1-D
+    only (in 2-D and 3-D MONAI drops whole channels): anything else raises ``ValueError``.  Module names and
+    state_dict keys are torchvision's; MONAI's keys load as they are.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        bn_size: int = 4,
+        act: str | tuple = ("relu", {"inplace": True}),
+        norm: str | tuple = "batch",
+        dropout_prob: float = 0.0,
+    ) -> None:
+        kwargs = models.monai_arguments(
+            spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, bn_size, act, norm,
+            dropout_prob,
+        )  # fmt: skip
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_monai_config(cls, *args, **kwargs) -> models.DenseNet:
+        """``densenet_fused.DenseNet.from_monai_config`` (this class takes MONAI's arguments itself)."""
+        return models.DenseNet.from_monai_config(*args, **kwargs)
+
+
+def _load_pretrained(model: DenseNet, arch: str, spatial_dims: int, progress: bool) -> None:
+    """MONAI's ``pretrained=True``, after the network is built: its errors, or its ``_load_state_dict``."""
+    checkpoints.check_pretrained(arch, spatial_dims)
+    checkpoints.load_pretrained(model, arch, progress)
+
+
+class DenseNet121(DenseNet):
+    """MONAI's DenseNet121 with optional pretrained support when `spatial_dims` is 2."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        pretrained: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            **kwargs,
+        )
+        if pretrained:
+            _load_pretrained(self, "densenet121", spatial_dims, progress)
+
+
+class DenseNet169(DenseNet):
+    """MONAI's DenseNet169 with optional pretrained support when `spatial_dims` is 2."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 32, 32),
+        pretrained: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            **kwargs,
+        )
+        if pretrained:
+            _load_pretrained(self, "densenet169", spatial_dims, progress)
+
+
+class DenseNet201(DenseNet):
+    """MONAI's DenseNet201 with optional pretrained support when `spatial_dims` is 2."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 48, 32),
+        pretrained: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            **kwargs,
+        )
+        if pretrained:
+            _load_pretrained(self, "densenet201", spatial_dims, progress)
+
+
+class DenseNet264(DenseNet):
+    """MONAI's DenseNet264 (no pretrained weights: ``pretrained=True`` raises MONAI's error)."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 64, 48),
+        pretrained: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=block_config,
+            **kwargs,
+        )
+        if pretrained:
+            _load_pretrained(self, "densenet264", spatial_dims, progress)
+
+
+Densenet = DenseNet
+Densenet121 = densenet121 = DenseNet121
+Densenet169 = densenet169 = DenseNet169
+Densenet201 = densenet201 = DenseNet201
+Densenet264 = densenet264 = DenseNet264

@@ -13,6 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The torch.hub cache of generated checkpoints (fixtures hub_cache, torch_home): it imports torchvision, which
+# imports triton, so only after TRITON_INTERPRET is set.
+from hub_cache import hub_cache, torch_home  # noqa: E402, F401
+
 
 @pytest.fixture
 def no_fallback(monkeypatch):

@@ -2,7 +2,6 @@
 
 import copy
 import io
-import re
 import warnings
 
 import pytest
@@ -64,25 +63,7 @@ def test_state_dict_loads_strictly_both_ways():
         assert torch.equal(a, b.to(a.dtype))
 
 
-@pytest.mark.parametrize("as_enum", [True, False])
-def test_weights_load_through_torchvision_mechanism(tmp_path, monkeypatch, as_enum):
-    """weights= goes through torchvision's loader; the file is served from the hub cache (no network)."""
-    weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
-    torch.manual_seed(7)
-    source = torchvision.models.densenet121()
-    state = source.state_dict()
-    # Published checkpoints use the legacy 'norm.1' key style; torchvision's loader renames them.
-    legacy = {re.sub(r"(norm|conv)([12])\.(weight|bias|running_mean|running_var)$", r"\1.\2.\3", k): v for k, v in state.items()}
-    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    torch.save(legacy, checkpoints / weights.url.rsplit("/", 1)[1])
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    model = densenet_fused.densenet121(weights=weights if as_enum else "IMAGENET1K_V1", progress=False)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    with pytest.raises(ValueError, match="num_classes"):
-        densenet_fused.densenet121(weights=weights, num_classes=10)
+# weights= and pretrained= through torchvision's loader and a torch.hub cache: tests/test_pretrained.py
 
 
 def test_copy_save_and_load_round_trips():

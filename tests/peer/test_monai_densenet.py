@@ -1,15 +1,20 @@
-"""MONAI's DenseNet tests, run on ``densenet_fused.DenseNet.from_monai_config``: only the constructor changes.
+"""MONAI's DenseNet tests, run on ``densenet_fused.monai``'s classes: only the constructor changes.
 
 Source: Project-MONAI/MONAI, tests/networks/nets/test_densenet.py, commit 40a08725c582e3b7a5136b2c47ff9e38c541dd8f.
 
-Adapted: MONAI's DenseNet121/Densenet169/densenet201/DenseNet264 become ``from_monai_config`` with their
-block_config; parameterized.expand becomes pytest.mark.parametrize, so each case can carry its mark; MONAI's
-test_script_save helper is written out below.  Marked cases:
+Adapted: MONAI's DenseNet121/Densenet169/densenet201/DenseNet264 are imported from ``densenet_fused.monai``
+(the same names, signatures and ``pretrained`` semantics); parameterized.expand becomes
+pytest.mark.parametrize, so each case can carry its mark; MONAI's test_script_save helper is written out below.
+Marked cases:
 - test_script: TorchScript is not supported, so scripting must raise the TorchScript error at once (the
   test keeps MONAI's body inside ``pytest.raises``);
 - 2-D cases with PReLU (TEST_CASE_2): strict xfail with the ValueError of an activation the fused kernels do
   not have (they apply ReLU only; a learnable PReLU slope is not fused);
-- pretrained cases download torchvision's weights: skipped.
+- pretrained cases: torch.hub reads torchvision's densenet121 file from a temporary ``TORCH_HOME`` holding a
+  generated checkpoint (tests/hub_cache.py, the ``torch_home`` fixture) instead of downloading it.
+  test_pretrain_consistency stays skipped: it asserts float32 features bit for bit equal to torchvision's
+  (``torch.all(result == expected_result)``), and the fused kernels sum in another order (a few float32
+  roundings apart); tests/test_pretrained.py checks the same in float64, with a tolerance.
 """
 
 import os
@@ -18,30 +23,17 @@ import tempfile
 import pytest
 import torch
 from monai.networks import eval_mode
-from peer_utils import NEEDS_DOWNLOAD, TORCHSCRIPT_ERROR
+from peer_utils import TORCHSCRIPT_ERROR
 
-from densenet_fused import DenseNet
+from densenet_fused.monai import DenseNet121, Densenet169, DenseNet264, densenet201
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 
 PRELU = pytest.mark.xfail(strict=True, raises=ValueError, reason="PReLU: the fused kernels apply ReLU only")
-
-
-def _monai_densenet(name, block_config):
-    """MONAI's DenseNet<depth>(spatial_dims, in_channels, out_channels, ..., pretrained, progress) as ours."""
-
-    def build(spatial_dims, in_channels, out_channels, pretrained=False, progress=True, **kwargs):
-        assert not pretrained, "pretrained weights need a download: those cases are skipped"
-        return DenseNet.from_monai_config(spatial_dims, in_channels, out_channels, block_config=block_config, **kwargs)
-
-    build.__name__ = name
-    return build
-
-
-DenseNet121 = _monai_densenet("DenseNet121", (6, 12, 24, 16))
-Densenet169 = _monai_densenet("Densenet169", (6, 12, 32, 32))
-densenet201 = _monai_densenet("densenet201", (6, 12, 48, 32))
-DenseNet264 = _monai_densenet("DenseNet264", (6, 12, 64, 48))
+BIT_FOR_BIT = pytest.mark.skip(
+    reason="asserts float32 features bit for bit equal to torchvision's; the fused kernels sum in another order "
+    "(a few float32 roundings apart): tests/test_pretrained.py checks it in float64"
+)
 
 
 def test_script_save(net, *inputs, device=None, rtol=1e-4, atol=0.0):
@@ -106,8 +98,8 @@ TEST_PRETRAINED_2D_CASE_3 = [
 ]
 
 
+@pytest.mark.usefixtures("torch_home")  # a generated torchvision checkpoint, served by torch.hub's cache
 class TestPretrainedDENSENET:
-    @NEEDS_DOWNLOAD
     @pytest.mark.parametrize("model, input_param, input_shape, expected_shape",
                              [TEST_PRETRAINED_2D_CASE_1, TEST_PRETRAINED_2D_CASE_2])  # fmt: skip
     def test_121_2d_shape_pretrain(self, model, input_param, input_shape, expected_shape):
@@ -116,7 +108,7 @@ class TestPretrainedDENSENET:
             result = net.forward(torch.randn(input_shape).to(device))
             assert result.shape == expected_shape
 
-    @NEEDS_DOWNLOAD
+    @BIT_FOR_BIT
     @pytest.mark.parametrize("model, input_param, input_shape", [TEST_PRETRAINED_2D_CASE_3])
     def test_pretrain_consistency(self, model, input_param, input_shape):
         import torchvision

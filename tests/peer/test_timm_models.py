@@ -9,7 +9,8 @@ test_model_features_pretrained, test_model_forward_features, test_model_forward_
 timm excludes densenet* from its TorchScript tests (EXCLUDE_JIT_FILTERS), so there are none here.
 
 Adapted: ``create_model`` converts what timm builds; the lists are filtered to 'densenet*'; the
-pytest-timeout and CI-runner markers are dropped; the pretrained tests need the network and are skipped.
+pytest-timeout and CI-runner markers are dropped; the pretrained tests need the network (the Hugging Face
+Hub, where timm's weights are) and are skipped.
 """
 
 import fnmatch
