@@ -361,7 +361,7 @@ def whole_step(check: Check, sec: Section):
         "Memory: max_memory_allocated is torch's peak over the timed steps, with the other models' parameters and "
         "gradients also resident; activation is the step's peak above what was allocated before it, gradients "
         "preallocated (benchmarks/accounting.py); graph pool is the memory the captured graph's private pool "
-        "reserves (it holds the step's activations between replays)."
+        "reserves (it holds the step's activations, and the gradients, between replays)."
     )
     check.dry(f"tiny model on CPU, C++ kernels; eager and graph-replay times, bound, kernel launches and "
               f"max_memory_allocated {NOT_MEASURED} (a CPU has no CUDA events, graphs or kernels: the profiler and "
@@ -397,7 +397,10 @@ def whole_step(check: Check, sec: Section):
         results[key]["host_s"] = statistics.median(host_times(steps[key], p.host_repeats, setup.device))
     show()
     for key in ok:
-        results[key]["launches"] = kernel_launches(steps[key], setup.device)
+        try:
+            results[key]["launches"] = kernel_launches(steps[key], setup.device)
+        except Exception as error:
+            results[key]["launches_error"] = short_error(error)
     show()
     # Ours first: a capture that fails (torchvision's checkpointing reads the RNG state, which a capture may
     # refuse) is the last to run. A CPU has no CUDA graphs.
@@ -408,8 +411,9 @@ def whole_step(check: Check, sec: Section):
                                   replays=p.graph_replays, warmup=3,
                                   prepare=partial(model.zero_grad, set_to_none=True))  # fmt: skip
             results[key].update(graph_s=replay["median"], graph_pool=replay["pool_bytes"])
-        except CaptureFailed as error:
-            results[key]["graph_error"] = str(error)[:1000]
+        except Exception as error:  # CaptureFailed, or the warm-up failed: this row says so, the others run
+            text = str(error) if isinstance(error, CaptureFailed) else short_error(error)
+            results[key]["graph_error"] = text[:1000]
         finally:
             model.zero_grad(set_to_none=True)
             gc.collect()
@@ -446,7 +450,7 @@ def step_time_row(check: Check, key: str, results: dict) -> list:
     else:
         graph = ms(r["graph_s"]) if "graph_s" in r else ""
         if "graph_error" in r:
-            graph = f"**capture failed**: {r['graph_error'][:160]}"
+            graph = f"**failed**: {r['graph_error'][:160]}"
         row = [IMPLS[key], ms(r["eager_s"]), ratio(r["eager_s"], base.get("eager_s")), graph,
                ratio(r.get("graph_s"), base.get("graph_s"))]  # fmt: skip
     row.append(ms(r["host_s"]) if "host_s" in r else "")
@@ -454,7 +458,7 @@ def step_time_row(check: Check, key: str, results: dict) -> list:
     if check.dry_run:
         row += [NOT_MEASURED, NOT_MEASURED if launches is not None else ""]
     else:
-        row += [bound(r), str(launches["kernels"]) if launches is not None else ""]
+        row += [bound(r), str(launches["kernels"]) if launches is not None else r.get("launches_error", "")]
     return row
 
 
@@ -577,46 +581,61 @@ def search_batch(m: Measurer, p: Plan, key: str, share_end: float, seed) -> tupl
         return f">= {lo}" + (f", < {min(over)}" if over else "") + " (search cut at its time share)", probes
 
 
+# The kernels' and CUDA-graph tests first, in their own run, so that a run cut short still has their result.
+CUDA_TEST_GROUPS = [
+    ["tests/test_triton_ops.py", "tests/test_cuda_graphs.py"],
+    ["tests", "--ignore=tests/test_triton_ops.py", "--ignore=tests/test_cuda_graphs.py"],
+]
+
+
 # First run: 65 s for the 34 cuda-marked tests of tests/ (tests/peer ignored by hand). Now tests/peer collects
 # without MONAI and timm (5 more: torchvision's model tests on CUDA), and tests/test_cuda_graphs.py adds CUDA-graph
 # training (make_graphed_callables, and reduce-overhead with an inductor compile of a tiny model, ~20-30 s).
-@section("cuda-tests", "Numerics: the CUDA-marked tests", plan_s=90)
+@section("cuda-tests", "Numerics: the CUDA-marked tests", plan_s=95)
 def cuda_tests(check: Check, sec: Section):
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5", "-m", "cuda", "tests"]
-    sec.notes.append(f"`{' '.join(command[2:])}` in a subprocess, TRITON_INTERPRET unset on a GPU.")
-    check.dry("the same command with no GPU visible, so every cuda-marked test skips: this checks the "
-              "selection and the report, not the kernels (~8 s).", sec)  # fmt: skip
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5", "-m", "cuda"]
+    sec.notes.append(
+        "`pytest -m cuda tests`, in two subprocesses, TRITON_INTERPRET unset on a GPU: first "
+        f"`{' '.join(CUDA_TEST_GROUPS[0])}`, then the rest of the selection (the peer tests among them)."
+    )
+    check.dry("the same commands with no GPU visible, so every cuda-marked test skips: this checks the "
+              "selection and the report, not the kernels (~8 s each).", sec)  # fmt: skip
     env = dict(os.environ)
     if check.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # as on a CPU machine, also where there is a GPU
     else:
         env.pop("TRITON_INTERPRET", None)
-    timeout = max(1.0, sec.left() - 5)
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        output, sec.data["returncode"] = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace")  # bytes, whatever text= says
-        sec.notes.append(f"**timed out** after {timeout:.0f} s; the output so far is below.")
-    lines = output.splitlines()
-    summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", line)), None)
-    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    durations = [line for line in lines if re.match(r"\s*\d+\.\d+s (call|setup|teardown) ", line)]
-    sec.data.update(summary=summary, failures=failures, durations=durations, tail=lines[-40:])
-    sec.notes.append(f"Summary: `{summary or 'no summary line'}`")
-    if failures:
-        sec.notes.append("Failures:\n\n" + "\n".join(f"- `{line}`" for line in failures))
-    elif summary is None:
-        sec.notes.append("Last lines:\n\n```\n" + "\n".join(lines[-20:]) + "\n```")
-    if durations:
-        sec.notes.append("Slowest:\n\n" + "\n".join(f"- `{line.strip()}`" for line in durations))
+    rows = sec.table("tests", "summary", "failures")
+    for group in CUDA_TEST_GROUPS:
+        name = " ".join(group)
+        timeout = max(1.0, sec.left() - 3)
+        try:
+            result = subprocess.run(base + group, cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=timeout)  # fmt: skip
+            output, returncode, cut = result.stdout + result.stderr, result.returncode, False
+        except subprocess.TimeoutExpired as expired:
+            output = (expired.stdout or b"").decode(errors="replace")  # bytes, whatever text= says
+            returncode, cut = None, True
+        lines = output.splitlines()
+        summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", line)),
+                       None)  # fmt: skip
+        failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        durations = [line.strip() for line in lines if re.match(r"\s*\d+\.\d+s (call|setup|teardown) ", line)]
+        sec.data[name] = dict(returncode=returncode, summary=summary, failures=failures, durations=durations,
+                              tail=lines[-40:])  # fmt: skip
+        status = f"**timed out** after {timeout:.0f} s" if cut else f"`{summary or 'no summary line'}`"
+        rows.append([f"`{name}`", status, "<br>".join(f"`{line}`" for line in failures) or "-"])
+        if cut or summary is None:
+            sec.notes.append(f"Last lines of `{name}`:\n\n```\n" + "\n".join(lines[-20:]) + "\n```")
+        if durations:
+            sec.notes.append(f"Slowest of `{name}`:\n\n" + "\n".join(f"- `{line}`" for line in durations))
 
 
 # First run: torch.compile(torchvision) took 137 s (default mode, cold), so ours never ran. Now ours compile
 # first: the blocks are opaque custom ops, so the graph is small (~20-30 s cold for the first, less for the next,
 # which share inductor's caches). torchvision's compiles come last and run as far as the time left allows:
 # this section is last so that it also gets whatever the sections before it left unused.
-@section("compiled", "Compiled training step: torch.compile, default and reduce-overhead (CUDA graphs)", plan_s=75)
+@section("compiled", "Compiled training step: torch.compile, default and reduce-overhead (CUDA graphs)", plan_s=70)
 def compiled_step(check: Check, sec: Section):
     p, setup = check.plan, check.setup
     sec.notes.append(

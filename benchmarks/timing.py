@@ -132,6 +132,7 @@ def graph_replay(step, device, replays: int = 10, warmup: int = 3, prepare=None)
     torch.cuda.synchronize(device)
     if prepare is not None:
         prepare()
+    torch.cuda.empty_cache()  # as the capture will: the pool's size is the growth of reserved memory from here
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
     try:
