@@ -89,13 +89,12 @@ class Report:
     out: str
     stem: str  # file name of the report, without .md / .json
     start: float = field(default_factory=time.perf_counter)
-    header: list = field(default_factory=list)  # extra lines under the title
     dry_run: bool = False
     min_section_s: float = 3  # a section left with less time than this is skipped
 
     def write(self) -> None:
         wall = time.perf_counter() - self.start
-        lines = [f"# {self.title}", "", *self.header]
+        lines = [f"# {self.title}", ""]
         lines += [f"`{self.command}`: {wall:.0f} s used of the {self.budget_s:.0f} s budget.", ""]
         lines += ["| section | status | seconds | planned s | limit s |", "| --- | --- | ---: | ---: | ---: |"]
         for s in self.sections:
