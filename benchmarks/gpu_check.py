@@ -1,189 +1,130 @@
-"""One prepared GPU check: environment, numerics, kernel and whole-step time, memory and sync-freedom.
+"""One prepared GPU check: numerics, kernel time, the whole training step (eager, replayed from a CUDA graph,
+host time, kernel launches, memory), sync-freedom, max batch, the CUDA-marked tests and the compiled step.
 
-Made for a GPU lent for a few minutes: on one H100/H200 it takes at most 8 minutes (every section has a
-time limit and the whole run a budget, ``BUDGET_S``) and writes ``<out>/<gpu>.md`` and ``.json``. Both are
-rewritten after every section, so a run cut short still leaves a report, and a section that fails records
-its error while the next one runs.
+Made for a GPU lent for a few minutes, on that machine's own torch (2.11 or newer) and triton, from the
+source tree, without the C++ extension, MONAI or timm. The run is time-boxed: ``--budget-s`` (default
+``BUDGET_S``) is shared between the sections in proportion to their planned seconds, which come from the
+first H200 run; the time a section leaves unused goes to the ones after it, and a section that fails or
+runs out of time says so while the next one runs. With imports and CUDA start-up the default run takes at
+most 7 minutes on one H100/H200. It writes ``<out>/<gpu>.md`` and ``.json``, rewritten after every section.
 
-    python benchmarks/gpu_check.py             # on the GPU: benchmarks/results/gpu/<gpu>.md and .json
-    python benchmarks/gpu_check.py --dry-run   # on CPU: every code path on tiny shapes, Triton interpreted
+    python benchmarks/gpu_check.py                      # on the GPU: benchmarks/results/gpu/<gpu>.md and .json
+    python benchmarks/gpu_check.py --budget-s 600       # more time; the compiled section, last, gets the rest
+    python benchmarks/gpu_check.py --only step,compiled # some sections (and the environment)
+    python benchmarks/gpu_check.py --dry-run            # on CPU: every code path on tiny shapes, Triton interpreted
 
 The dry run (what CI runs, through tests/test_gpu_check.py) uses a tiny DenseNet and runs the Triton
-kernels on CPU through Triton's interpreter; what it cannot measure (CUDA-event times, GPU memory, sync
-debug mode, bf16 in the interpreter) it reports as "not measured (CPU dry run)".
+kernels on CPU through Triton's interpreter; what it cannot measure (CUDA-event times, graph replay, GPU
+memory, kernel launches, sync debug mode, bf16 in the interpreter) it reports as "not measured (CPU dry run)".
 """
 
 import argparse
-import contextlib
 import datetime
 import gc
-import inspect
+import logging
 import os
 import random
 import re
-import signal
+import statistics
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, NamedTuple
 
-if "--dry-run" in sys.argv:  # the dry run is on CPU: Triton's interpreter must be on before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ == "__main__":
+    if not __package__:  # run as a script: import the benchmarks package from the repository root, not this folder
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "--dry-run" in sys.argv:  # on CPU: Triton's interpreter must be on before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import _common as C  # noqa: E402  (first after that: it sets the profiler environment before torch loads)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import memory  # noqa: E402  (its Measurer: activation memory per model, batch and implementation, OOM-tolerant)
-from densenet_fused.ops import PRIMITIVES  # noqa: E402
-from densenet_fused.ops.layout import acc_dtype  # noqa: E402
+from benchmarks import flags  # noqa: E402
+from benchmarks.accounting import activation_bytes, held_bytes  # noqa: E402
+from benchmarks.measurer import Measurer  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    BASELINE,
+    COMPILE_MODES,
+    EAGER_IMPLS,
+    IMPLS,
+    MiB,
+    Arch,
+    Setup,
+    named_arch,
+    build_models,
+    make_batch,
+)
+from benchmarks.primitives import max_relative_error, op_inputs, ops, primitive_shapes  # noqa: E402
+from benchmarks.report import RESULTS_DIR, environment, package_commit, ratio, short_error  # noqa: E402
+from benchmarks.search import largest_fitting  # noqa: E402
+from benchmarks.sections import OutOfTime, Report, Section  # noqa: E402
+from benchmarks.steps import eval_step, first_step, forward_backward, graphed_train_step, train_step  # noqa: E402
+from benchmarks.timing import CaptureFailed, call_time, graph_replay, host_times, kernel_launches, time_steps  # noqa: E402
+from benchmarks.twins import ROUNDING_SPREAD, errors_against_float64, randomize_affine, twins  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from twins import ROUNDING_SPREAD, errors_against_float64, randomize_affine, twins  # noqa: E402
-
-BUDGET_S = 450  # all sections together; with imports and CUDA start-up (~15 s) the run stays within 8 minutes
+# All sections together. With imports and CUDA start-up (~15-25 s) the run stays within 7 minutes.
+BUDGET_S = 390
 NOT_MEASURED = "not measured (CPU dry run)"
-TINY = C.Arch("tiny", 4, (2, 2), 8, 10)
+TINY = Arch("tiny", 4, (2, 2), 8, 10)
 
 
 @dataclass(frozen=True)
 class Plan:
     """The shapes, repeats and budgets of a run: the GPU's, or the dry run's tiny ones."""
 
-    arch: C.Arch  # the model timed, measured and checked for syncs, at batch x size^2
+    arch: Arch  # the model timed, measured and checked for syncs, at batch x size^2
     batch: int
     size: int
     numerics: tuple  # (arch, batch, size) whose first layer and transition the primitives are checked at
     step_repeats: int  # timed training steps per implementation
-    kernel_repeats: int  # timed calls per kernel
+    host_repeats: int  # steps whose host time is measured, per implementation
+    graph_replays: int  # timed replays of the captured step
+    kernel_calls: int  # calls of a kernel captured in one CUDA graph
+    kernel_replays: int  # timed replays of that graph
     budget: int  # bytes: the max-batch search's memory budget
     batch_cap: int | None  # the max-batch search stops there
-    compile_backend: str
+    compile_backends: dict = field(default_factory=dict)  # implementation -> torch.compile backend (else inductor)
+    compiled: tuple | None = None  # the compiled implementations run (None: all of COMPILE_ORDER)
 
 
-GPU_PLAN = Plan(C.arch("densenet121"), 64, 224, (C.Arch("small", 16, (3, 3), 32, 10), 4, 64), 10, 20, 16 * 2**30,
-                None, "inductor")  # fmt: skip
-# aot_eager: the compiled code paths (dynamo, AOTAutograd, our ops' fakes) without inductor's minutes-long CPU build.
-DRY_PLAN = Plan(TINY, 2, 32, (TINY, 2, 32), 1, 1, C.MiB, 64, "aot_eager")
+GPU_PLAN = Plan(named_arch("densenet121"), 64, 224, (Arch("small", 16, (3, 3), 32, 10), 4, 64), step_repeats=10,
+                host_repeats=5, graph_replays=10, kernel_calls=20, kernel_replays=5, budget=16 * 2**30,
+                batch_cap=None)  # fmt: skip
+# The dry run compiles with aot_eager (dynamo, AOTAutograd and our ops' fakes, without inductor's minutes-long
+# CPU build), but for ours with reduce-overhead: inductor on CPU tensors (~10 s), which skips the CUDA graphs.
+# It leaves out the two default-mode rows whose code path another row already runs.
+DRY_PLAN = Plan(TINY, 2, 32, (TINY, 2, 32), step_repeats=1, host_repeats=1, graph_replays=1, kernel_calls=1,
+                kernel_replays=1, budget=MiB, batch_cap=64,
+                compile_backends={"fused_eff_compile": "aot_eager", "tv_graphs": "aot_eager"},
+                compiled=("fused_eff_compile", "fused_eff_graphs", "tv_graphs"))  # fmt: skip
 
-# name: (dtype, DENSENET_FUSED_TF32, the tolerance tests/test_triton_ops.py allows)
+# name: (dtype, float32 convolution precision, the tolerance tests/test_triton_ops.py allows). The Triton 1x1
+# convolutions follow torch's convolution precision flag, as cuDNN's do; torch's own GEMMs stay IEEE.
 PRECISIONS = {
-    "fp32 IEEE": (torch.float32, "0", 2e-5),
-    "fp32 TF32": (torch.float32, "1", 1e-2),
-    "fp16": (torch.float16, "0", 4e-3),
-    "bf16": (torch.bfloat16, "0", 3e-2),
+    "fp32 IEEE": (torch.float32, "ieee", 2e-5),
+    "fp32 TF32": (torch.float32, "tf32", 1e-2),
+    "fp16": (torch.float16, "ieee", 4e-3),
+    "bf16": (torch.bfloat16, "ieee", 3e-2),
 }
 
-
-# ---------------------------------------------------------------------------------------------------
-# Sections, the report, time limits
-
-
-@dataclass
-class Section:
-    """One section of the report: what it found so far (notes, tables, data), however it ended."""
-
-    title: str
-    estimate_s: int  # expected seconds on one H100/H200
-    limit_s: int  # it is stopped there (or earlier, when the run's budget ends first)
-    run: Callable
-    status: str = "not run"
-    seconds: float | None = None
-    deadline: float = 0.0  # time.perf_counter() at which it is stopped
-    notes: list = field(default_factory=list)
-    tables: list = field(default_factory=list)
-    data: dict = field(default_factory=dict)
-
-    def table(self, *headers) -> list:
-        """A new table; append its rows to the list returned (a cut-off section keeps those it has)."""
-        rows = []
-        self.tables.append({"headers": list(headers), "rows": rows})
-        return rows
-
-    def markdown(self) -> list:
-        took = "" if self.seconds is None else f", {self.seconds:.0f} s"
-        budget = f"estimate {self.estimate_s} s, limit {self.limit_s} s"
-        lines = [f"## {self.title}", "", f"*{self.status}{took}* ({budget})", ""]
-        for note in self.notes:
-            lines += [note, ""]
-        for t in self.tables:
-            lines += ["| " + " | ".join(t["headers"]) + " |", "|" + " --- |" * len(t["headers"])]
-            lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in t["rows"]] + [""]
-        return lines
-
-
-SECTIONS: list[Section] = []
-
-
-def section(title: str, estimate_s: int, limit_s: int):
-    """Register a section function ``fn(check, sec)``; sections run in the order they are defined."""
-
-    def register(fn):
-        SECTIONS.append(Section(title, estimate_s, limit_s, fn))
-        return fn
-
-    return register
-
-
-class OutOfTime(BaseException):
-    """A section's time limit passed. A BaseException, so the ``except Exception`` inside sections let it by."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    def expire(signum, frame):
-        raise OutOfTime()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def environ(**values: str):
-    """Set environment variables (``_backend.config`` reads them at each call), then restore them."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
-def ieee_fp32():
-    """torch's own float32 matmuls and convolutions (references, torchvision) in IEEE fp32, not TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+# The compiled section's order: ours first, so that a slow compile of torchvision (137 s on the first H200
+# run) cannot take their time; torchvision's reduce-overhead before its default, which the first run measured.
+COMPILE_ORDER = ["fused_eff_compile", "fused_eff_graphs", "fused_keep_compile", "tv_graphs", "tv_compile"]
 
 
 @dataclass
 class Check:
-    """A run: its plan, where it runs, and the report it writes."""
+    """A run: its plan, where it runs, and what sections hand on to later ones (``shared``)."""
 
     plan: Plan
     dry_run: bool
-    setup: C.Setup  # AMP bf16, channels_last
-    name: str  # the GPU's name (the report's title)
-    out: str
-    stem: str  # file name of the report, without .md / .json
-    start: float
+    setup: Setup  # AMP bf16, channels_last
+    commit: str | None = None  # --commit: the tree's commit when it is not a git checkout
+    shared: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -194,168 +135,50 @@ class Check:
         if self.dry_run:
             sec.notes.append(f"CPU dry run: {note}")
 
-    def write(self) -> None:
-        wall = time.perf_counter() - self.start
-        title = "densenet_fused GPU check " + ("(CPU dry run)" if self.dry_run else f"on {self.name}")
-        lines = [f"# {title}", "", f"`python benchmarks/gpu_check.py{' --dry-run' if self.dry_run else ''}`, "
-                 f"{wall:.0f} s used of the {BUDGET_S} s budget.", ""]  # fmt: skip
-        lines += ["| section | status | seconds | estimate s | limit s |", "| --- | --- | ---: | ---: | ---: |"]
-        for s in SECTIONS:
-            took = "-" if s.seconds is None else f"{s.seconds:.0f}"
-            lines.append(f"| {s.title} | {s.status} | {took} | {s.estimate_s} | {s.limit_s} |")
-        lines.append("")
-        for s in SECTIONS:
-            lines += s.markdown()
-        with open(os.path.join(self.out, f"{self.stem}.md"), "w") as f:
-            f.write("\n".join(lines))
-        keys = ("title", "status", "seconds", "estimate_s", "limit_s", "notes", "tables", "data")
-        sections = [{key: getattr(s, key) for key in keys} for s in SECTIONS]
-        data = {"title": title, "dry_run": self.dry_run, "wall_s": wall, "budget_s": BUDGET_S, "sections": sections}
-        C.write_json(os.path.join(self.out, f"{self.stem}.json"), data)
+
+# (key, title, planned seconds, function), in run order; main() makes the Sections.
+SECTIONS: list = []
 
 
-def run_sections(check: Check) -> None:
-    """Each section within its limit and what is left of the budget; the report is rewritten after each."""
-    end = check.start + BUDGET_S
-    for sec in SECTIONS:
-        left = end - time.perf_counter()
-        if left < 5:
-            sec.status = "skipped: the run's time budget is spent"
-            continue
-        limit = min(sec.limit_s, left)
-        sec.status, sec.deadline = "running", time.perf_counter() + limit
-        check.write()
-        t0 = time.perf_counter()
-        try:
-            with time_limit(limit):
-                sec.run(check, sec)
-            sec.status = "done"
-        except OutOfTime:
-            sec.status = f"stopped at its time limit ({limit:.0f} s): partial"
-        except Exception as error:
-            sec.status = f"failed: {C.short_error(error)}"
-            sec.data["error"] = traceback.format_exc()
-        sec.seconds = time.perf_counter() - t0
-        gc.collect()
-        if check.device.type == "cuda":
-            torch.cuda.empty_cache()
-        check.write()
-        print(f"{sec.title}: {sec.status} ({sec.seconds:.0f} s)", flush=True)
+def section(key: str, title: str, plan_s: float):
+    """Register a section function ``fn(check, sec)``. ``plan_s``: its planned seconds on one H100/H200 (a
+    share of ``BUDGET_S``), from the first H200 run's section times where the section existed then."""
+
+    def register(fn):
+        SECTIONS.append((key, title, plan_s, fn))
+        return fn
+
+    return register
+
+
+def ms(seconds) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def mib(nbytes) -> str:
+    return f"{nbytes / MiB:.0f}"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Primitive inputs at DenseNet shapes
+# The sections, in run order. Planned seconds are for one H100/H200 with a cold Triton and inductor cache.
 
 
-class OpShape(NamedTuple):
-    """Where a primitive reads: x = buffer[:, start:start + channels] of a [batch, total, side, side] buffer."""
-
-    batch: int
-    side: int
-    total: int
-    channels: int
-    out: int  # output channels of a 1x1 conv (its weight is [out, channels])
-    start: int = 0
-
-    def describe(self) -> str:
-        part = f"{self.start}:{self.start + self.channels} of {self.total}"
-        return f"[{self.batch}, {part}, {self.side}, {self.side}] -> {self.out}"
-
-
-def primitive_shapes(arch: C.Arch, batch: int, size: int) -> list:
-    """(where, primitive, shape) at the widest layer of every block and at every transition of ``arch``.
-
-    The layer's channel_stats read its k new channels, bn_relu its bottleneck (bn_size 4, as torchvision's
-    DenseNets), bn_relu_conv1x1 the buffer's prefix; a transition reads the whole buffer.
-    """
-    side, c0, k = size // 4, arch.num_init_features, arch.growth_rate
-    width, shapes = 4 * k, []
-    for i, layers in enumerate(arch.block_config, 1):
-        total, c = c0 + layers * k, c0 + (layers - 1) * k
-        where = f"block {i} layer {layers}"
-        shapes += [
-            (where, "channel_stats", OpShape(batch, side, total, k, k, start=c)),
-            (where, "bn_relu", OpShape(batch, side, width, width, width)),
-            (where, "bn_relu_conv1x1", OpShape(batch, side, total, c, width)),
-        ]
-        if i < len(arch.block_config):
-            shapes.append((f"transition {i}", "bn_relu_pool_conv1x1", OpShape(batch, side, total, total, total // 2)))
-            side, c0 = side // 2, total // 2
-    return shapes
-
-
-def op_inputs(primitive, op, shape: OpShape, dtype, device, seed: int = 0) -> dict:
-    """``op``'s arguments, named as its reference's parameters: x a channel slice of a channels-last buffer,
-    statistics and affine parameters in the accumulation dtype, a weight scaled as kaiming's, the gradient
-    shaped as the primitive's forward output, the gradient buffer as x's buffer; training=True."""
-    gen = torch.Generator().manual_seed(seed)
-    acc = acc_dtype(dtype)
-
-    def randn_like(t):
-        return torch.empty_like(t).copy_(torch.randn(t.shape, generator=gen))
-
-    def randn(*size, dtype=acc):
-        return torch.randn(size, generator=gen).to(device, dtype)
-
-    c = shape.channels
-    buf = torch.empty(shape.batch, shape.total, shape.side, shape.side, dtype=dtype, device=device)
-    buf = randn_like(buf.to(memory_format=torch.channels_last))
-    values = {
-        "x": buf[:, shape.start : shape.start + c],
-        "mean": 0.2 * randn(c),
-        "invstd": 0.5 + randn(c).abs(),
-        "gamma": randn(c),
-        "beta": randn(c),
-        "weight": randn(shape.out, c, dtype=dtype) * c**-0.5,
-        "grad_buffer": randn_like(buf),
-        "training": True,
-    }
-    names = list(inspect.signature(op.reference).parameters)
-    if "grad_y" in names or "grad_z" in names:
-        forward = primitive.ops[primitive.name].reference
-        out = forward(*[values[n] for n in inspect.signature(forward).parameters])
-        values["grad_y"] = values["grad_z"] = randn_like(out)
-    return {name: values[name] for name in names}
-
-
-def max_relative_error(op, args: dict) -> tuple[float, str]:
-    """(max |triton - reference| / max |reference|, over the output where it is largest, and that output's name);
-    the gradient buffer an op adds into counts as an output."""
-    results = []
-    for backend in ("triton", "reference"):
-        call = {name: a.clone() if name == "grad_buffer" else a for name, a in args.items()}
-        out = op.kernels[backend](*call.values())
-        outs = {f"out[{i}]": t for i, t in enumerate(out)} if isinstance(out, tuple) else {"out": out}
-        results.append({**outs, **({"grad_buffer": call["grad_buffer"]} if "grad_buffer" in call else {})})
-    errors = {}
-    for name, got in results[0].items():
-        want = results[1][name].double()
-        errors[name] = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    worst = max(errors, key=errors.get)
-    return errors[worst], worst
-
-
-def ops():
-    """(primitive, op) for every op in PRIMITIVES: each primitive's forward op, then its backward op."""
-    return [(p, op) for p in PRIMITIVES.values() for op in sorted(p.ops.values(), key=lambda op: op.name != p.name)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The sections, in run order. Estimates are for one H100/H200 with a cold Triton and inductor cache.
-
-
-# Estimate: versions and nvidia-smi, ~2 s.
-@section("Environment", estimate_s=2, limit_s=20)
-def environment(check: Check, sec: Section):
+# First run: 0 s.
+@section("environment", "Environment", plan_s=5)
+def environment_section(check: Check, sec: Section):
     import triton
 
-    info = C.environment(check.device)
+    import densenet_fused
+
+    info = environment(check.device)
     info.update(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version(),
         triton=triton.__version__,
-        commit=git_commit(),
+        densenet_fused_commit=check.commit + " (given by --commit)" if check.commit else package_commit(),
+        densenet_fused_path=os.path.dirname(os.path.abspath(densenet_fused.__file__)),
+        fp32_precision=", ".join(f"{k} {v}" for k, v in flags.fp32_precision().items()),
         triton_interpret=os.environ.get("TRITON_INTERPRET"),
     )
     if check.device.type == "cuda":
@@ -364,15 +187,16 @@ def environment(check: Check, sec: Section):
                     multiprocessors=props.multi_processor_count, driver=nvidia_smi("driver_version"))  # fmt: skip
     else:
         info.update(gpu="none", driver="none")
+    sec.notes.append(
+        "densenet_fused_commit: the commit of the checkout the package is imported from (its own git work tree), "
+        '"+ local changes" when its tracked files differ; "unknown" when the package is not at the top of a git '
+        "work tree (a copied tree, or one nested in another repository). fp32_precision: torch's flags for "
+        "float32 convolutions (which our 1x1 convolutions follow too) and GEMMs, as the check found them."
+    )
     check.dry("no GPU: the versions are this machine's.", sec)
     sec.data.update(info)
     rows = sec.table("what", "value")
     rows += [[key, value] for key, value in info.items()]
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 def nvidia_smi(query: str) -> str:
@@ -381,56 +205,57 @@ def nvidia_smi(query: str) -> str:
                                 text=True, timeout=10)  # fmt: skip
         return result.stdout.strip().splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError) as error:
-        return f"unknown ({C.short_error(error)})"
+        return f"unknown ({short_error(error)})"
 
 
-# Estimate: 7 ops x 4 precisions at small shapes; dominated by cold Triton compiles and autotuning of the
-# 1x1-conv kernels (about 4 kernels x 4 precision families x ~6 configs), ~45 s.
-@section("Numerics: Triton primitives against the reference", estimate_s=45, limit_s=75)
+# First run: 39 s (7 ops x 4 precisions at small shapes, dominated by cold Triton compiles and autotuning).
+@section("numerics", "Numerics: Triton primitives against the reference", plan_s=45)
 def primitive_numerics(check: Check, sec: Section):
-    arch, batch, size = check.plan.numerics
+    arch_, batch, size = check.plan.numerics
     shapes = {}
-    for where, name, shape in reversed(primitive_shapes(arch, batch, size)):
+    for where, name, shape in reversed(primitive_shapes(arch_, batch, size)):
         shapes[name] = (where, shape)  # each primitive at its first place: block 1's widest layer, transition 1
     sec.notes.append(
         f"max |triton - reference| / max |reference| over each op's outputs (the worst one named), both kernels called "
-        f"directly at a DenseNet-like shape ({arch.name}: k={arch.growth_rate}, batch {batch}, {size}x{size} input, "
-        "channels_last prefix views, training=True); torch's own fp32 matmuls IEEE. **over** marks an error above "
-        "the tolerance of tests/test_triton_ops.py ("
+        f"directly at a DenseNet-like shape ({arch_.name}: k={arch_.growth_rate}, batch {batch}, {size}x{size} input, "
+        "channels_last prefix views, training=True). fp32 IEEE / TF32: torch's float32 convolution precision flag "
+        "(`torch.backends.cudnn.conv.fp32_precision`, or `allow_tf32` on older torch) set to ieee / tf32, which our "
+        "1x1 convolutions follow as cuDNN's do; torch's own GEMMs (the reference) IEEE. **over** marks an error "
+        "above the tolerance of tests/test_triton_ops.py ("
         + ", ".join(f"{label} {tol:g}" for label, (_, _, tol) in PRECISIONS.items()) + ")."
     )
     check.dry("Triton's interpreter on CPU (real comparisons); bf16 not measured (broken in the interpreter).", sec)
     rows = sec.table("op", "shape", *PRECISIONS)
-    with ieee_fp32():
-        for primitive, op in ops():
-            where, shape = shapes[primitive.name]
-            row = [op.name, f"{where}: {shape.describe()}"]
-            for label, (dtype, tf32, tol) in PRECISIONS.items():
-                if check.dry_run and dtype == torch.bfloat16:
-                    row.append(f"{NOT_MEASURED}: bf16 is broken in the interpreter")
-                    continue
-                try:
-                    with environ(DENSENET_FUSED_TF32=tf32):
-                        err, output = max_relative_error(op, op_inputs(primitive, op, shape, dtype, check.device))
-                    sec.data[f"{op.name} {label}"] = {"error": err, "output": output}
-                    row.append(f"{err:.1e} {output}" + (" **over**" if err > tol else ""))
-                except Exception as error:
-                    row.append(f"error: {C.short_error(error)}")
-            rows.append(row)
+    for primitive, op in ops():
+        where, shape = shapes[primitive.name]
+        row = [op.name, f"{where}: {shape.describe()}"]
+        rows.append(row)
+        for label, (dtype, conv, tol) in PRECISIONS.items():
+            if check.dry_run and dtype == torch.bfloat16:
+                row.append(f"{NOT_MEASURED}: bf16 is broken in the interpreter")
+                continue
+            try:
+                with flags.fp32(conv=conv, matmul="ieee"):
+                    err, output = max_relative_error(op, op_inputs(primitive, op, shape, dtype, check.device))
+                sec.data[f"{op.name} {label}"] = {"error": err, "output": output}
+                row.append(f"{err:.1e} {output}" + (" **over**" if err > tol else ""))
+            except Exception as error:
+                row.append(f"error: {short_error(error)}")
 
 
-# Estimate: 3 tiny models, one fp32 step each of ours and torchvision's, plus torchvision in float64, ~10 s.
-@section("Numerics: tiny models against torchvision (float64 truth)", estimate_s=10, limit_s=40)
+# First run: 32 s (3 tiny models, one fp32 step each of ours and torchvision's, plus torchvision in float64).
+@section("tiny-models", "Numerics: tiny models against torchvision (float64 truth)", plan_s=35)
 def fuzz(check: Check, sec: Section):
     sec.notes.append(
-        "Random tiny DenseNets (seeded), one training step in float32 with our Triton kernels forced, same weights "
-        "and input as torchvision: relative error (L2 norm) against torchvision in float64, next to torchvision "
-        f"float32's own. **look** marks ours above {ROUNDING_SPREAD}x torchvision's (the test suite judges the median "
-        "over 5 seeds; one seed can land above by chance, a bug lands orders of magnitude above)."
+        "Random tiny DenseNets (seeded), one training step in float32 (IEEE: convolution and GEMM precision flags "
+        "set to ieee) with our Triton kernels forced, same weights and input as torchvision: relative error (L2 "
+        "norm) against torchvision in float64, next to torchvision float32's own. "
+        f"**look** marks ours above {ROUNDING_SPREAD}x torchvision's (the test suite judges the median over 5 "
+        "seeds; one seed can land above by chance, a bug lands orders of magnitude above)."
     )
     check.dry("Triton's interpreter on CPU (real comparisons).", sec)
     rows = sec.table("config", "quantity", "ours vs float64", "torchvision fp32 vs float64", "ours / torchvision")
-    with ieee_fp32(), environ(DENSENET_FUSED_BACKEND="triton"):
+    with flags.fp32(conv="ieee", matmul="ieee"), flags.fused_backend("triton"):
         for seed in range(3):
             config, batch, size, channels_last = fuzz_config(seed)
             ours, theirs = twins(dtype=torch.float32, seed=seed, **config)
@@ -444,9 +269,9 @@ def fuzz(check: Check, sec: Section):
             described = f"{config}, batch {batch}, {size}x{size}" + (", channels_last" if channels_last else "")
             sec.data[described] = errors
             for what, (mine, peer) in errors.items():
-                ratio = mine / peer if peer else float("inf")
+                r = mine / peer if peer else float("inf")
                 rows.append([described, what, f"{mine:.2e}", f"{peer:.2e}",
-                             f"{ratio:.2f}" + (" **look**" if ratio > ROUNDING_SPREAD else "")])  # fmt: skip
+                             f"{r:.2f}" + (" **look**" if r > ROUNDING_SPREAD else "")])  # fmt: skip
                 described = ""
 
 
@@ -464,111 +289,193 @@ def fuzz_config(seed: int):
     return config, rng.randint(2, 4), rng.randint(32, 48), rng.random() < 0.5
 
 
-# Estimate: 26 (op, layer) rows x 2 kernels x 21 calls of at most a few ms, plus autotuning the 1x1-conv
-# kernels for each new (C, pixels) bucket at batch 64 (~20 buckets x ~1 s), ~40 s.
-@section("Per-primitive time: Triton against the PyTorch reference", estimate_s=40, limit_s=70)
+# First run: 22 s with eager CUDA-event timing. Now each kernel's calls are captured in a CUDA graph and
+# replayed (26 rows x 2 kernels x (capture + 6 replays of 20 calls of at most a few ms)), plus autotuning the
+# 1x1-conv kernels for each new (C, pixels) bucket at batch 64 (~20 buckets x ~1 s).
+@section("kernels", "Per-primitive time: Triton against the PyTorch reference, on the device and on the host",
+         plan_s=25)
 def kernel_time(check: Check, sec: Section):
     p = check.plan
     dtype = torch.bfloat16 if not check.dry_run else torch.float32
     sec.notes.append(
         f"{p.arch.name}, batch {p.batch}, {p.size}x{p.size} input, {str(dtype).replace('torch.', '')}, channels_last "
-        "views of the block buffer: the widest layer of every block and every transition. Median of "
-        f"{p.kernel_repeats} CUDA-event timings per kernel, interleaved, after one warm-up call (which autotunes). "
+        "views of the block buffer: the widest layer of every block and every transition. Device time: after one "
+        f"warm-up call (which autotunes), {p.kernel_calls} calls captured in one CUDA graph, the median of "
+        f"{p.kernel_replays} replays divided by {p.kernel_calls}, so the host's launch cost is not in it (a row whose "
+        "calls cannot be captured says so, and is timed eagerly with CUDA events instead). Host time: the wall time "
+        f"of issuing {p.kernel_calls} calls, per call. **host-bound** names the kernels whose host time per call is "
+        "above their device time: called eagerly one after another, those run at the host's pace, not the GPU's. "
         "The reference is pure PyTorch (cuBLAS GEMMs, torch elementwise ops); its backward ops compute in float32 "
-        "(they upcast), so those rows race an fp32 GEMM, not a bf16 one. **Triton slower** flags a row where Triton "
-        "loses."
+        "(they upcast), so those rows race an fp32 GEMM, not a bf16 one. **Triton slower** flags a row where "
+        "Triton's device time loses."
     )
-    check.dry("tiny model, float32 (bf16 is broken in the interpreter), one call each: times "
+    check.dry("tiny model, float32 (bf16 is broken in the interpreter), each kernel called eagerly: times "
               f"{NOT_MEASURED}.", sec)  # fmt: skip
-    rows = sec.table("op", "where", "shape", "Triton ms", "reference ms", "Triton / reference")
+    rows = sec.table("op", "where", "shape", "Triton ms", "reference ms", "Triton / reference", "Triton host µs / call",
+                     "reference host µs / call", "host-bound")  # fmt: skip
     for where, name, shape in primitive_shapes(p.arch, p.batch, p.size):
         for primitive, op in [(prim, op) for prim, op in ops() if prim.name == name]:
             row = [op.name, where, shape.describe()]
             try:
                 args = op_inputs(primitive, op, shape, dtype, check.device)
-                steps = {backend: partial(op.kernels[backend], *args.values()) for backend in ("triton", "reference")}
-                times = C.time_steps(steps, p.kernel_repeats, warmup=1, device=check.device)
+                times = {backend: call_time(partial(op.kernels[backend], *args.values()), check.device,
+                                            calls=p.kernel_calls, replays=p.kernel_replays, host_repeats=p.host_repeats)
+                         for backend in ("triton", "reference")}  # fmt: skip
             except Exception as error:
-                rows.append(row + [f"error: {C.short_error(error)}", "", ""])
+                rows.append(row + [f"error: {short_error(error)}"] + [""] * 5)
                 continue
             if check.dry_run:
-                row += [NOT_MEASURED] * 3
-            else:
-                triton_s, reference_s = times["triton"]["median"], times["reference"]["median"]
-                ratio = triton_s / reference_s
-                row += [f"{triton_s * 1e3:.3f}", f"{reference_s * 1e3:.3f}",
-                        f"{ratio:.2f}" + (" **Triton slower**" if ratio > 1 else "")]  # fmt: skip
-                sec.data[f"{op.name} {where}"] = {"triton_s": triton_s, "reference_s": reference_s}
+                rows.append(row + [NOT_MEASURED] + [""] * 5)
+                continue
+            sec.data[f"{op.name} {where}"] = times
+            t, r = times["triton"], times["reference"]
+            eager = [f"{b}: {times[b]['how']}" for b in times if times[b]["how"] != "graph"]
+            bound = [b.capitalize() if b == "triton" else b for b in times if times[b]["host"] > times[b]["device"]]
+            row += [f"{t['device'] * 1e3:.3f}", f"{r['device'] * 1e3:.3f}",
+                    f"{t['device'] / r['device']:.2f}" + (" **Triton slower**" if t["device"] > r["device"] else ""),
+                    f"{t['host'] * 1e6:.0f}", f"{r['host'] * 1e6:.0f}",
+                    ", ".join(bound) or "-"]  # fmt: skip
+            if eager:
+                row[3] += " (" + "; ".join(eager)[:200] + ")"
             rows.append(row)
 
 
-# Estimate: eager (5 implementations x 12 steps of ~0.1-0.3 s, plus Triton autotuning in the first step,
-# ~25 s), then cold compiles: torch.compile(torchvision) ~90 s, ours ~25 s in each mode (the blocks are
-# opaque custom ops, so the graph is small), each then 12 steps: ~170 s.
-@section("Whole training step: time and memory", estimate_s=170, limit_s=210)
+# First run: the eager part took ~25 s (4 implementations x 11 steps of 0.07-0.3 s, plus Triton autotuning in the
+# first step, ~12 s). Now also: host time (5 steps each), one profiled step each (~2 s of profiler start-up),
+# and each step captured in a CUDA graph after 3 warm-up steps, then 11 replays (~2 s each).
+@section("step", "Whole training step: eager, graph-replayed and host time, kernel launches, memory", plan_s=55)
 def whole_step(check: Check, sec: Section):
     p, setup = check.plan, check.setup
     sec.notes.append(
         f"{p.arch.name}, batch {p.batch}, {p.size}x{p.size}, {setup.describe()}: zero_grad, forward, cross-entropy, "
-        f"backward. Step time: median of {p.step_repeats} CUDA-event timings after one warm-up step; the eager "
-        "implementations interleaved, each compiled one timed after its compile (`first step s` includes the "
-        "compile and Triton's autotuning). max_memory_allocated: torch's peak over the timed steps, with the other "
-        "models' parameters and gradients also resident; activation: the step's peak above what was allocated "
-        "before it, gradients preallocated (benchmarks/_common.py)."
+        f"backward. **eager step**: median of {p.step_repeats} CUDA-event timings after one warm-up step, the "
+        "implementations interleaved (`first step s` includes Triton's autotuning). **graph replay**: the same "
+        "forward and backward captured in one `torch.cuda.CUDAGraph` after 3 warm-up steps on a side stream (outside "
+        f"the capture), the median of {p.graph_replays} replays: the device time of the step, without the host's. "
+        "**host**: the wall time of issuing one step without waiting for the GPU (sync, t0, step, t1, sync), median "
+        f"of {p.host_repeats}. **bound**: host when issuing the step takes longer than the GPU takes to run it (host "
+        "time above the graph replay; without a replay, host time at 90 % of the eager step or more), else device. "
+        "**kernels**: the CUDA kernels of one step in torch.profiler (memcpy and memset apart, in the JSON)."
     )
-    check.dry(f"tiny model on CPU, C++ kernels, torch.compile with {p.compile_backend}; step times and "
-              f"max_memory_allocated {NOT_MEASURED}; activation is the exact CPU count.", sec)  # fmt: skip
-    rows = sec.table("implementation", "first step s", "step ms", "vs naive", "max_memory_allocated MiB",
-                     "activation MiB", "vs naive")  # fmt: skip
-    x, target = C.make_batch(p.arch, p.batch, p.size, setup)
-    results = sec.data
-
-    def record(models, keys):
-        keys = [key for key in keys if "error" not in results[key]]
-        steps = {key: partial(C.train_step, models[key], x, target, setup.amp) for key in keys}
-        timings = C.time_steps(steps, p.step_repeats, warmup=1, device=setup.device)
-        for key, t in timings.items():
-            results[key].update(median_s=t["median"], max_memory_allocated=t.get("peak"),
-                                activation=C.activation_bytes(models[key], x, target, setup.amp))  # fmt: skip
-            rows.append(whole_step_row(check, key, results))
-
-    eager = C.build_models(p.arch, C.EAGER_IMPLS, setup)
-    params = sum(t.nbytes for t in eager[C.BASELINE].parameters()) / C.MiB
+    sec.notes.append(
+        "Memory: max_memory_allocated is torch's peak over the timed steps, with the other models' parameters and "
+        "gradients also resident; activation is the step's peak above what was allocated before it, gradients "
+        "preallocated (benchmarks/accounting.py); graph pool is the memory the captured graph's private pool "
+        "reserves (it holds the step's activations, and the gradients, between replays)."
+    )
+    check.dry(f"tiny model on CPU, C++ kernels; eager and graph-replay times, bound, kernel launches and "
+              f"max_memory_allocated {NOT_MEASURED} (a CPU has no CUDA events, graphs or kernels: the profiler and "
+              "host-time code paths run); host ms is the whole CPU step; activation is the exact CPU count.",
+              sec)  # fmt: skip
+    time_rows = sec.table("implementation", "eager step ms", "vs naive", "graph replay ms", "vs naive",
+                          "host ms / step", "bound", "kernels / step")  # fmt: skip
+    memory_rows = sec.table("implementation", "first step s", "max_memory_allocated MiB", "activation MiB",
+                            "vs naive", "graph pool MiB")  # fmt: skip
+    x, target = make_batch(p.arch, p.batch, p.size, setup)
+    models = build_models(p.arch, EAGER_IMPLS, setup)
+    params = sum(t.nbytes for t in models[BASELINE].parameters()) / MiB
     sec.notes.append(f"Each model's parameters take {params:.1f} MiB, and so do its gradients.")
-    for key in C.EAGER_IMPLS:
-        results[key] = first_step(eager[key], x, target, setup.amp)
-    record(eager, C.EAGER_IMPLS)
-    for key in C.COMPILED:  # one at a time: a compile that runs out of time loses only its own row
-        torch._dynamo.reset()
-        model = C.build_models(p.arch, [key], setup, backend=p.compile_backend)
-        results[key] = first_step(model[key], x, target, setup.amp)
-        record(model, [key])
-    for key, r in results.items():
-        if "error" in r:
-            rows.append([C.IMPLS[key], f"error: {r['error']}", "", "", "", "", ""])
+    results = sec.data
+    steps = {key: partial(train_step, models[key], x, target, setup.amp) for key in EAGER_IMPLS}
+
+    def show():
+        time_rows[:] = [step_time_row(check, key, results) for key in results]
+        memory_rows[:] = [step_memory_row(check, key, results) for key in results]
+
+    for key in EAGER_IMPLS:
+        results[key] = first_step_result(models[key], x, target, setup.amp)
+    ok = [key for key in EAGER_IMPLS if "error" not in results[key]]
+    show()
+    timings = time_steps({key: steps[key] for key in ok}, p.step_repeats, warmup=1, device=setup.device)
+    for key, t in timings.items():
+        results[key].update(eager_s=t["median"], max_memory_allocated=t.get("peak"))
+        activation = activation_bytes(models[key], x, target, setup.amp)
+        results[key].update(activation=activation, total=held_bytes(models[key], x, target) + activation)
+        check.shared.setdefault("step_totals", {})[key] = (p.batch, results[key]["total"])
+    show()
+    for key in ok:
+        results[key]["host_s"] = statistics.median(host_times(steps[key], p.host_repeats, setup.device))
+    show()
+    for key in ok:
+        try:
+            results[key]["launches"] = kernel_launches(steps[key], setup.device)
+        except Exception as error:
+            results[key]["launches_error"] = short_error(error)
+    show()
+    # Ours first: a capture that fails (torchvision's checkpointing reads the RNG state, which a capture may
+    # refuse) is the last to run. A CPU has no CUDA graphs.
+    for key in [] if check.dry_run else sorted(ok, key=lambda key: not key.startswith("fused")):
+        model = models[key]
+        try:
+            replay = graph_replay(partial(forward_backward, model, x, target, setup.amp), setup.device,
+                                  replays=p.graph_replays, warmup=3,
+                                  prepare=partial(model.zero_grad, set_to_none=True))  # fmt: skip
+            results[key].update(graph_s=replay["median"], graph_pool=replay["pool_bytes"])
+        except Exception as error:  # CaptureFailed, or the warm-up failed: this row says so, the others run
+            text = str(error) if isinstance(error, CaptureFailed) else short_error(error)
+            results[key]["graph_error"] = text[:1000]
+        finally:
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        show()
+    if BASELINE in results and "eager_s" in results[BASELINE]:
+        check.shared["tv_eager_s"] = results[BASELINE]["eager_s"]
 
 
-def first_step(model, x, target, amp) -> dict:
+def first_step_result(model, x, target, amp, step=train_step) -> dict:
     """{"first_step_s": seconds} of one training step (compiles and autotunes), or {"error": ...}."""
     try:
-        return {"first_step_s": C.first_step(model, x, target, amp)}
+        return {"first_step_s": first_step(model, x, target, amp, step=step)}
     except Exception as error:
-        return {"error": C.short_error(error)}
+        return {"error": short_error(error)}
 
 
-def whole_step_row(check: Check, key: str, results: dict) -> list:
-    r, base = results[key], results.get(C.BASELINE, {})
-    row = [C.IMPLS[key], f"{r['first_step_s']:.1f}"]
+def bound(r: dict) -> str:
+    if "host_s" not in r:
+        return ""
+    if "graph_s" in r:
+        return "host" if r["host_s"] > r["graph_s"] else "device"
+    return "host" if r["host_s"] >= 0.9 * r["eager_s"] else "device"
+
+
+def step_time_row(check: Check, key: str, results: dict) -> list:
+    r, base = results[key], results.get(BASELINE, {})
+    if "error" in r:
+        return [IMPLS[key], f"error: {r['error']}"] + [""] * 6
+    if "eager_s" not in r:
+        return [IMPLS[key]] + [""] * 7
     if check.dry_run:
-        row += [NOT_MEASURED, "", NOT_MEASURED]
+        row = [IMPLS[key], NOT_MEASURED, "", NOT_MEASURED, ""]
     else:
-        row += [f"{r['median_s'] * 1e3:.1f}", C.ratio(r["median_s"], base.get("median_s")),
-                f"{r['max_memory_allocated'] / C.MiB:.0f}"]  # fmt: skip
-    return row + [f"{r['activation'] / C.MiB:.1f}", C.ratio(r["activation"], base.get("activation"))]
+        graph = ms(r["graph_s"]) if "graph_s" in r else ""
+        if "graph_error" in r:
+            graph = f"**failed**: {r['graph_error'][:160]}"
+        row = [IMPLS[key], ms(r["eager_s"]), ratio(r["eager_s"], base.get("eager_s")), graph,
+               ratio(r.get("graph_s"), base.get("graph_s"))]  # fmt: skip
+    row.append(ms(r["host_s"]) if "host_s" in r else "")
+    launches = r.get("launches")
+    if check.dry_run:
+        row += [NOT_MEASURED, NOT_MEASURED if launches is not None else ""]
+    else:
+        row += [bound(r), str(launches["kernels"]) if launches is not None else r.get("launches_error", "")]
+    return row
 
 
-# Estimate: two warm-up steps per check (batch 64: already autotuned by the section before), ~10 s.
-@section("Sync-freedom of our forward and backward", estimate_s=10, limit_s=40)
+def step_memory_row(check: Check, key: str, results: dict) -> list:
+    r, base = results[key], results.get(BASELINE, {})
+    if "error" in r:
+        return [IMPLS[key], f"error: {r['error']}"] + [""] * 4
+    row = [IMPLS[key], f"{r['first_step_s']:.1f}"]
+    if "activation" not in r:
+        return row + [""] * 4
+    peak = NOT_MEASURED if check.dry_run else mib(r["max_memory_allocated"])
+    pool = NOT_MEASURED if check.dry_run else mib(r["graph_pool"]) if "graph_pool" in r else "-"
+    return row + [peak, f"{r['activation'] / MiB:.1f}", ratio(r["activation"], base.get("activation")), pool]
+
+
+# First run: 2 s (two warm-up steps per check, batch 64, already autotuned by the sections before).
+@section("sync", "Sync-freedom of our forward and backward", plan_s=10)
 def sync_freedom(check: Check, sec: Section):
     p, setup = check.plan, check.setup
     sec.notes.append(
@@ -578,15 +485,15 @@ def sync_freedom(check: Check, sec: Section):
     )
     check.dry(f"the warm-up calls run; the check itself {NOT_MEASURED} (sync debug mode is CUDA only).", sec)
     rows = sec.table("implementation", "what", "result")
-    models = C.build_models(p.arch, ["fused_eff", "fused_keep"], setup)
-    x, target = C.make_batch(p.arch, p.batch, p.size, setup)
-    checks = [(key, "training step", True, partial(C.train_step, m, x, target, setup.amp)) for key, m in models.items()]
-    checks.append(("fused_eff", "eval forward, no_grad", False, partial(C.eval_step, models["fused_eff"], x, setup.amp)))
+    models = build_models(p.arch, ["fused_eff", "fused_keep"], setup)
+    x, target = make_batch(p.arch, p.batch, p.size, setup)
+    checks = [(key, "training step", True, partial(train_step, m, x, target, setup.amp)) for key, m in models.items()]
+    checks.append(("fused_eff", "eval forward, no_grad", False, partial(eval_step, models["fused_eff"], x, setup.amp)))
     for key, what, train, step in checks:
         models[key].train(train)
         result = check_sync_free(step, check.device)
         sec.data[f"{key} {what}"] = result
-        rows.append([C.IMPLS[key], what, result])
+        rows.append([IMPLS[key], what, result])
 
 
 def check_sync_free(step, device) -> str:
@@ -603,71 +510,44 @@ def check_sync_free(step, device) -> str:
         package = f"{os.sep}densenet_fused{os.sep}"
         ours = [f"densenet_fused/{frame.filename.split(package, 1)[1]}:{frame.lineno}"
                 for frame in traceback.extract_tb(error.__traceback__) if package in frame.filename]  # fmt: skip
-        return f"**sync**: {C.short_error(error)}" + (f" (at {' > '.join(ours[-3:])})" if ours else "")
+        return f"**sync**: {short_error(error)}" + (f" (at {' > '.join(ours[-3:])})" if ours else "")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
     return "pass"
 
 
-# Estimate: 39 bf16 tests (tests/test_triton_ops.py, test_instance_norm.py) with their own Triton compiles,
-# partly cached by the sections before, plus ~5 s of collection, ~60 s. It runs after the measurements that
-# only this script makes, so that a slow cold compile here cuts the least.
-@section("Numerics: the CUDA-marked tests", estimate_s=60, limit_s=120)
-def cuda_tests(check: Check, sec: Section):
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
-    sec.notes.append(f"`{' '.join(command[2:])}` in a subprocess, TRITON_INTERPRET unset on a GPU.")
-    check.dry("the same command with no GPU visible, so every cuda-marked test skips: this checks the "
-              "selection and the report, not the kernels (~8 s).", sec)  # fmt: skip
-    env = dict(os.environ)
-    if check.dry_run:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # as on a CPU machine, also where there is a GPU
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    timeout = max(1.0, sec.deadline - time.perf_counter() - 5)
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        output, sec.data["returncode"] = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace")  # bytes, whatever text= says
-        sec.notes.append(f"**timed out** after {timeout:.0f} s; the output so far is below.")
-    lines = output.splitlines()
-    summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", line)), None)
-    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    sec.data.update(summary=summary, failures=failures, tail=lines[-40:])
-    sec.notes.append(f"Summary: `{summary or 'no summary line'}`")
-    if failures:
-        sec.notes.append("Failures:\n\n" + "\n".join(f"- `{line}`" for line in failures))
-    elif summary is None:
-        sec.notes.append("Last lines:\n\n```\n" + "\n".join(lines[-20:]) + "\n```")
-
-
-# Estimate: per eager implementation ~6 probes, each two real steps at up to ~1000 images (fused) plus
-# autotuning for each new pixel bucket, ~25 s per implementation: ~100 s.
-@section("Max batch under the memory budget", estimate_s=100, limit_s=130)
+# First run: 36 s, cut, for 255 (torchvision naive), 515 (checkpointed) and ">= 256" (ours, whose search started
+# at batch 64 and grew 4x a probe). Now each search starts from the step's memory at batch 64 (the whole-step
+# section's), so its first probe lands near the answer (~1700 for ours): ~3-6 probes of two real steps each,
+# ~5-10 s a probe for ours at ~1000-1700 images (autotuning new pixel buckets), ~1 s for torchvision's.
+@section("max-batch", "Max batch under the memory budget", plan_s=50)
 def max_batch(check: Check, sec: Section):
     p, setup = check.plan, check.setup
-    budget = f"{p.budget / 2**30:g} GiB" if p.budget >= 2**30 else f"{p.budget / C.MiB:g} MiB"
+    budget = f"{p.budget / 2**30:g} GiB" if p.budget >= 2**30 else f"{p.budget / MiB:g} MiB"
     sec.notes.append(
         f"{p.arch.name}, {p.size}x{p.size}, {setup.describe()}: the largest batch whose training step fits in "
         f"{budget} (parameters, gradients, buffers, the batch and the step's activation peak), found by "
-        "_common.largest_fitting, every probe a real measured step. Each implementation gets an equal share "
-        "of the section's time; a search cut short reports the largest batch that fitted so far."
+        "benchmarks/search.py's largest_fitting, every probe a real measured step. Each search starts from the "
+        f"memory of the step at batch {p.batch} measured in the whole-step section (the line through it and the "
+        "origin, which undershoots, so the first probe fits). Each implementation gets an equal share of what is "
+        "left of the section's time; a search cut short gives the bracket it reached."
     )
     check.dry(f"tiny model, {budget} budget, searched up to {p.batch_cap}, CPU accounting: not the GPU's figure "
               f"({NOT_MEASURED}).", sec)  # fmt: skip
-    rows = sec.table("implementation", f"max batch <= {budget}")
-    m = memory.Measurer(setup)
-    for i, key in enumerate(C.EAGER_IMPLS):
-        share_end = time.perf_counter() + (sec.deadline - time.perf_counter()) / (len(C.EAGER_IMPLS) - i)
-        result = search_batch(m, p, key, share_end)
-        sec.data[key] = result
-        rows.append([C.IMPLS[key], result])
+    rows = sec.table("implementation", f"max batch <= {budget}", "probes")
+    m = Measurer(setup)
+    seeds = check.shared.get("step_totals", {})
+    for i, key in enumerate(EAGER_IMPLS):
+        share_end = time.perf_counter() + sec.left() / (len(EAGER_IMPLS) - i)
+        result, probes = search_batch(m, p, key, share_end, seeds.get(key))
+        sec.data[key] = {"result": result, "probes": probes}
+        rows.append([IMPLS[key], result, ", ".join(str(b) for b in probes) or "-"])
         m.drop(p.arch)
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
-    for key in C.COMPILED:
-        rows.append([C.IMPLS[key], "skipped: every batch size recompiles"])
+    for key in COMPILE_ORDER:
+        rows.append([IMPLS[key], "skipped: every batch size recompiles", ""])
     if m.errors:
         sec.notes.append("Errors: " + "; ".join(dict.fromkeys(m.errors)))
 
@@ -676,29 +556,230 @@ class ShareSpent(Exception):
     """An implementation's share of the max-batch section's time is spent."""
 
 
-def search_batch(m, p: Plan, key: str, share_end: float) -> str:
+def search_batch(m: Measurer, p: Plan, key: str, share_end: float, seed) -> tuple[str, dict]:
+    """(the max batch as reported, {batch: total bytes} of the probes made here). ``seed``: (batch, total
+    bytes) measured before, or None (then batch ``p.batch`` is probed first)."""
+    probes = {}
+
     def total(batch):
         if time.perf_counter() > share_end:
             raise ShareSpent()
-        return m.total(p.arch, batch, p.size, key)
+        probes[batch] = m.total(p.arch, batch, p.size, key)
+        return probes[batch]
 
     try:
-        found, capped = C.largest_fitting(total, p.budget, {p.batch: total(p.batch)}, start=2, cap=p.batch_cap)
-        return f">= {found} (the cap)" if capped else str(found)
+        known = dict([seed]) if seed is not None else {p.batch: total(p.batch)}
+        found, capped = largest_fitting(total, p.budget, known, start=1, cap=p.batch_cap, max_growth=64)
+        return (f">= {found} (the cap)" if capped else str(found)), probes
     except ShareSpent:
-        fitting = [b for (_, b, _, k), act in m.cache.items() if k == key and act is not None
-                   and m.total(p.arch, b, p.size, key) <= p.budget]  # fmt: skip
-        return f">= {max(fitting)} (search cut at its time share)" if fitting else "- (no probe fitted in time)"
+        points = {**(dict([seed]) if seed is not None else {}), **probes}
+        fits = [b for b, v in points.items() if v <= p.budget]
+        lo = max(fits, default=None)
+        over = [b for b, v in points.items() if v > p.budget and (lo is None or b > lo)]
+        if lo is None:
+            return "- (no probe fitted in time)", probes
+        return f">= {lo}" + (f", < {min(over)}" if over else "") + " (search cut at its time share)", probes
+
+
+# The kernels' and CUDA-graph tests first, in their own run, so that a run cut short still has their result.
+CUDA_TEST_GROUPS = [
+    ["tests/test_triton_ops.py", "tests/test_cuda_graphs.py"],
+    ["tests", "--ignore=tests/test_triton_ops.py", "--ignore=tests/test_cuda_graphs.py"],
+]
+
+
+# First run: 65 s for the 34 cuda-marked tests of tests/ (tests/peer ignored by hand). Now tests/peer collects
+# without MONAI and timm (5 more: torchvision's model tests on CUDA), and tests/test_cuda_graphs.py adds CUDA-graph
+# training (make_graphed_callables, and reduce-overhead with an inductor compile of a tiny model, ~20-30 s).
+@section("cuda-tests", "Numerics: the CUDA-marked tests", plan_s=95)
+def cuda_tests(check: Check, sec: Section):
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5", "-m", "cuda"]
+    sec.notes.append(
+        "`pytest -m cuda tests`, in two subprocesses, TRITON_INTERPRET unset on a GPU: first "
+        f"`{' '.join(CUDA_TEST_GROUPS[0])}`, then the rest of the selection (the peer tests among them)."
+    )
+    check.dry("the same commands with no GPU visible, so every cuda-marked test skips: this checks the "
+              "selection and the report, not the kernels (~8 s each).", sec)  # fmt: skip
+    env = dict(os.environ)
+    if check.dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # as on a CPU machine, also where there is a GPU
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    rows = sec.table("tests", "summary", "failures")
+    for group in CUDA_TEST_GROUPS:
+        name = " ".join(group)
+        timeout = max(1.0, sec.left() - 3)
+        try:
+            result = subprocess.run(base + group, cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=timeout)  # fmt: skip
+            output, returncode, cut = result.stdout + result.stderr, result.returncode, False
+        except subprocess.TimeoutExpired as expired:
+            output = (expired.stdout or b"").decode(errors="replace")  # bytes, whatever text= says
+            returncode, cut = None, True
+        lines = output.splitlines()
+        summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", line)),
+                       None)  # fmt: skip
+        failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        durations = [line.strip() for line in lines if re.match(r"\s*\d+\.\d+s (call|setup|teardown) ", line)]
+        sec.data[name] = dict(returncode=returncode, summary=summary, failures=failures, durations=durations,
+                              tail=lines[-40:])  # fmt: skip
+        status = f"**timed out** after {timeout:.0f} s" if cut else f"`{summary or 'no summary line'}`"
+        rows.append([f"`{name}`", status, "<br>".join(f"`{line}`" for line in failures) or "-"])
+        if cut or summary is None:
+            sec.notes.append(f"Last lines of `{name}`:\n\n```\n" + "\n".join(lines[-20:]) + "\n```")
+        if durations:
+            sec.notes.append(f"Slowest of `{name}`:\n\n" + "\n".join(f"- `{line}`" for line in durations))
+
+
+# First run: torch.compile(torchvision) took 137 s (default mode, cold), so ours never ran. Now ours compile
+# first: the blocks are opaque custom ops, so the graph is small (~20-30 s cold for the first, less for the next,
+# which share inductor's caches). torchvision's compiles come last and run as far as the time left allows:
+# this section is last so that it also gets whatever the sections before it left unused.
+@section("compiled", "Compiled training step: torch.compile, default and reduce-overhead (CUDA graphs)", plan_s=70)
+def compiled_step(check: Check, sec: Section):
+    p, setup = check.plan, check.setup
+    sec.notes.append(
+        f"{p.arch.name}, batch {p.batch}, {p.size}x{p.size}, {setup.describe()}: each implementation compiled in "
+        "turn (dynamo reset between them), ours first, then torchvision's, so that a slow compile of torchvision "
+        "cannot take ours' time; a compile still running when the section's time ends is named. `compile s` is "
+        "the first step (compile and autotuning). reduce-overhead replays the compiled forward and backward from "
+        "CUDA graphs (inductor's CUDA-graph trees); each of its steps starts with "
+        "`torch.compiler.cudagraph_mark_step_begin()`, and its first three steps (compile, warm-up, recording) "
+        f"are not timed. Step time: median of {p.step_repeats} CUDA-event timings; host and kernels as in the "
+        "whole-step section; `vs torchvision eager`: against the whole-step section's eager torchvision step. "
+        "**CUDA graphs**: used, or why inductor skipped them. Activation is not given for reduce-overhead: the "
+        "graphs' memory pool holds it across steps (see max_memory_allocated)."
+    )
+    check.dry("tiny model; torch.compile with aot_eager, but for ours with reduce-overhead (inductor on CPU "
+              "tensors, which skips CUDA graphs); the default-mode compiles of fused memory_efficient=False and of "
+              f"torchvision left out (their code path runs in the other rows); times, kernels and max_memory_allocated "
+              f"{NOT_MEASURED}.", sec)  # fmt: skip
+    rows = sec.table("implementation", "compile s", "step ms", "vs torchvision eager", "host ms / step",
+                     "kernels / step", "CUDA graphs", "max_memory_allocated MiB", "activation MiB")  # fmt: skip
+    x, target = make_batch(p.arch, p.batch, p.size, setup)
+    base = check.shared.get("tv_eager_s")
+    for i, key in enumerate(COMPILE_ORDER):
+        if p.compiled is not None and key not in p.compiled:
+            rows.append([IMPLS[key], "not run in the dry run: the rows above run its code path"] + [""] * 7)
+            continue
+        backend = p.compile_backends.get(key, "inductor")
+        label = IMPLS[key] + ("" if backend == "inductor" else f" (backend {backend})")
+        r = sec.data[key] = {"backend": backend}
+        torch._dynamo.reset()
+        started, model = time.perf_counter(), None
+        try:
+            with CudagraphSkips() as skips:
+                model = build_models(p.arch, [key], setup, backend=backend)[key]
+                step_fn = graphed_train_step if key in COMPILE_MODES else train_step
+                step = partial(step_fn, model, x, target, setup.amp)
+                r["compile_s"] = first_step(model, x, target, setup.amp, step=step_fn)
+                step(), step()  # reduce-overhead: warm-up, then recording; the timed steps replay
+                t = time_steps({key: step}, p.step_repeats, warmup=0, device=setup.device)[key]
+                r.update(step_s=t["median"], max_memory_allocated=t.get("peak"))
+                r["host_s"] = statistics.median(host_times(step, p.host_repeats, setup.device))
+                r["launches"] = kernel_launches(step, setup.device)
+                if key not in COMPILE_MODES:
+                    r["activation"] = activation_bytes(model, x, target, setup.amp)
+            r["cudagraphs"] = skips.describe(check.device, backend) if key in COMPILE_MODES else "-"
+            rows.append(compiled_row(check, label, r, base))
+        except OutOfTime:
+            spent = time.perf_counter() - started
+            what = "compile" if "compile_s" not in r else "timing"
+            r["cut"] = f"{what} still running after {spent:.0f} s"
+            rows.append([label, f"**cut**: its {what} was still running when the section's time ended, after "
+                         f"{spent:.0f} s"] + [""] * 7)  # fmt: skip
+            rows.extend([IMPLS[later], "not run: the section's time had ended"] + [""] * 7
+                        for later in COMPILE_ORDER[i + 1 :])  # fmt: skip
+            raise
+        except Exception as error:
+            r["error"] = traceback.format_exc()
+            rows.append([label, f"error: {short_error(error)}"] + [""] * 7)
+        finally:
+            del model
+            gc.collect()
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def compiled_row(check: Check, label: str, r: dict, base) -> list:
+    row = [label, f"{r['compile_s']:.1f}"]
+    if check.dry_run:
+        row += [NOT_MEASURED, "", ms(r["host_s"]), NOT_MEASURED, r["cudagraphs"], NOT_MEASURED]
+    else:
+        row += [ms(r["step_s"]), ratio(r["step_s"], base), ms(r["host_s"]), str(r["launches"]["kernels"]),
+                r["cudagraphs"], mib(r["max_memory_allocated"])]  # fmt: skip
+    return row + [f"{r['activation'] / MiB:.1f}" if "activation" in r else "-"]
+
+
+class CudagraphSkips(logging.Handler):
+    """Within the block: how many compiled graphs inductor did not wrap in CUDA graphs, and why (the
+    messages of its cudagraphs log, which it writes for CUDA graphs it skips; on CPU tensors it counts them
+    without a message)."""
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        from torch._inductor import cudagraph_utils
+
+        self.messages, self.counters = [], counters
+        self.start = counters["inductor"]["cudagraph_skips"]
+        self.loggers = [getattr(cudagraph_utils, name) for name in ("cudagraphs_log", "perf_hint_log")
+                        if isinstance(getattr(cudagraph_utils, name, None), logging.Logger)]  # fmt: skip
+        for logger in self.loggers:
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.count = self.counters["inductor"]["cudagraph_skips"] - self.start
+        for logger in self.loggers:
+            logger.removeHandler(self)
+        return False
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "cudagraph" in message.lower():
+            self.messages.append(message.splitlines()[0][:200])
+
+    def describe(self, device, backend: str = "inductor") -> str:
+        if backend != "inductor":
+            return f"- (backend {backend}: no CUDA graphs)"
+        if not self.count and not self.messages:
+            return "used"
+        reasons = "; ".join(dict.fromkeys(self.messages))
+        if not reasons and device.type == "cpu":
+            reasons = "CPU tensors (CUDA graphs are CUDA only)"
+        graphs = f"{self.count} graph{'' if self.count == 1 else 's'}"
+        return f"**skipped** ({graphs}): {reasons or 'no reason logged'}"
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def main():
+def make_sections(only=None) -> list:
+    """The registered sections (those named in ``only`` and the environment, when given) as fresh Sections."""
+    return [Section(key, title, plan_s, fn) for key, title, plan_s, fn in SECTIONS
+            if only is None or key in only or key == "environment"]  # fmt: skip
+
+
+def main(argv=None):
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop banners off stderr
+    keys = [key for key, *_ in SECTIONS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreted: every code path")
-    parser.add_argument("--out", default=os.path.join(C.RESULTS_DIR, "gpu"), help="default: benchmarks/results/gpu")
-    args = parser.parse_args()
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help=f"seconds for all sections together (default {BUDGET_S}: with start-up, within 7 "
+                        "minutes on one H100/H200); each gets a share in proportion to its planned "
+                        "seconds")  # fmt: skip
+    parser.add_argument("--only", help=f"comma-separated sections to run, of: {', '.join(keys)} (the environment "
+                        "always runs); their shares grow to fill the budget")  # fmt: skip
+    parser.add_argument("--commit", help="the tree's commit, to report when it is not a git checkout (a copied tree)")
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "gpu"), help="default: benchmarks/results/gpu")
+    args = parser.parse_args(argv)
+    only = None
+    if args.only:
+        only = [key.strip() for key in args.only.split(",") if key.strip()]
+        unknown = sorted(set(only) - set(keys))
+        if unknown:
+            parser.error(f"--only: unknown sections {unknown}; they are {keys}")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU; --dry-run runs every code path on CPU")
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -707,14 +788,21 @@ def main():
     check = Check(
         plan=DRY_PLAN if args.dry_run else GPU_PLAN,
         dry_run=args.dry_run,
-        setup=C.Setup(device, torch.float32, channels_last=True, amp=torch.bfloat16),
-        name=name,
+        setup=Setup(device, torch.float32, channels_last=True, amp=torch.bfloat16),
+        commit=args.commit,
+    )
+    report = Report(
+        title="densenet_fused GPU check " + ("(CPU dry run)" if args.dry_run else f"on {name}"),
+        command=" ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        sections=make_sections(only),
+        budget_s=args.budget_s,
         out=args.out,
         stem=re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
-        start=time.perf_counter(),
+        dry_run=args.dry_run,
     )
-    run_sections(check)
-    print(f"wrote {check.stem}.md and {check.stem}.json to {args.out} ({time.perf_counter() - check.start:.0f} s)")
+    report.run(check)
+    wall = time.perf_counter() - report.start
+    print(f"wrote {report.stem}.md and {report.stem}.json to {args.out} ({wall:.0f} s)")
 
 
 if __name__ == "__main__":

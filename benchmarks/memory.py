@@ -4,7 +4,7 @@ Compares, with the same weights and input: torchvision memory_efficient=False (n
 (checkpointing), densenet_fused with memory_efficient=True (recompute) and False (keep bottlenecks), and
 torch.compile of torchvision and of both fused modes where compiling is affordable. It reports
 
-  * activation memory of one training step (forward + backward), exact on CPU (see _common.py),
+  * activation memory of one training step (forward + backward), exact on CPU (see accounting.py),
   * median step time, interleaved across implementations,
   * the largest batch (and, for CIFAR-style nets, the largest depth) that fits in --budget MiB,
 
@@ -18,13 +18,24 @@ batch sweep; then writes JSON, CSV and PNG plots to --out. torch.compile is in t
     python benchmarks/memory.py --spatial-dims 3   # 3-D instance-norm DenseNet-121 vs MONAI's, on volumes
 """
 
-import _common as C  # first: it sets the profiler environment before torch loads
-
 import os
+import sys
 from functools import partial
 
-import torch
-from tqdm import tqdm
+if __name__ == "__main__" and not __package__:  # run as a script: import the benchmarks package from the root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.accounting import activation_bytes, held_bytes, self_check  # noqa: E402
+from benchmarks.cli import compile_note, make_parser, preset, start_run  # noqa: E402
+from benchmarks.measurer import Measurer  # noqa: E402
+from benchmarks.models import BASELINE, COMPILED, EAGER_IMPLS, IMPLS, MiB, bc_depth, make_batch, named_arch  # noqa: E402
+from benchmarks.report import ratio, short_error, table  # noqa: E402
+from benchmarks.search import largest_fitting  # noqa: E402
+from benchmarks.steps import first_step, train_step  # noqa: E402
+from benchmarks.timing import time_steps  # noqa: E402
 
 PRESETS = {
     "quick": dict(
@@ -60,62 +71,11 @@ ACCEPTANCE = {"fused_eff": 0.30, "fused_keep": 0.50}  # target activation ratios
 
 
 def mib(nbytes):
-    return None if nbytes is None else nbytes / C.MiB
+    return None if nbytes is None else nbytes / MiB
 
 
 def fmt_mib(nbytes):
-    return "error" if nbytes is None else f"{nbytes / C.MiB:.1f}"
-
-
-class Measurer:
-    """Activation memory per (model, batch, size, implementation), measured once and cached.
-
-    Models of one architecture are built once (same weights for every implementation) and reused
-    for every batch size. A failing measurement is recorded (and printed at the end) as None, so one
-    failure does not stop the run.
-    """
-
-    def __init__(self, setup: C.Setup, progress=None):
-        self.setup, self.progress = setup, progress
-        self.models, self.cache, self.errors = {}, {}, []
-
-    def model(self, arch: C.Arch, key: str):
-        if (arch.name, key) not in self.models:
-            self.models.update({(arch.name, k): m for k, m in C.build_models(arch, [key], self.setup).items()})
-        return self.models[(arch.name, key)]
-
-    def drop(self, arch: C.Arch):
-        for name, key in list(self.models):
-            if name == arch.name:
-                del self.models[(name, key)]
-
-    def activation(self, arch: C.Arch, batch: int, size: int, key: str):
-        """Activation bytes of one step, or None (error recorded) when the implementation fails."""
-        cache_key = (arch.name, batch, size, key)
-        if cache_key not in self.cache:
-            try:
-                model = self.model(arch, key)
-                x, target = C.make_batch(arch, batch, size, self.setup)
-                warmup = key in C.COMPILED or self.setup.device.type == "cuda"
-                self.cache[cache_key] = C.activation_bytes(model, x, target, self.setup.amp, warmup=warmup)
-            except torch.OutOfMemoryError:  # on CUDA: does not fit, which a search expects
-                self.cache[cache_key] = None
-                torch.cuda.empty_cache()
-            except Exception as error:
-                self.cache[cache_key] = None
-                where = f"{C.IMPLS[key]} on {arch.name}, batch {batch}, {size}x{size}"
-                self.errors.append(f"{where}: {C.short_error(error)}")
-            if self.progress is not None:
-                self.progress.update(1)
-        return self.cache[cache_key]
-
-    def total(self, arch: C.Arch, batch: int, size: int, key: str):
-        """Everything one step holds at its peak: params, buffers, grads, the batch, activations."""
-        act = self.activation(arch, batch, size, key)
-        if act is None:
-            return float("inf")
-        x, target = C.make_batch(arch, batch, size, self.setup)
-        return C.held_bytes(self.model(arch, key), x, target) + act
+    return "error" if nbytes is None else f"{nbytes / MiB:.1f}"
 
 
 def bar(desc, total=None):
@@ -127,31 +87,31 @@ def main_config(m: Measurer, arch, cfg, impls, setup):
     batch, size = cfg["batch"], cfg["size"]
     results = {key: {} for key in impls}
     if "tv_compile" in impls:  # the first call compiles: time it apart from the steps
-        x, target = C.make_batch(arch, batch, size, setup)
+        x, target = make_batch(arch, batch, size, setup)
         try:
-            results["tv_compile"]["compile_s"] = C.first_step(m.model(arch, "tv_compile"), x, target, setup.amp)
+            results["tv_compile"]["compile_s"] = first_step(m.model(arch, "tv_compile"), x, target, setup.amp)
         except Exception as error:
-            m.errors.append(f"{C.IMPLS['tv_compile']}: {C.short_error(error)}")
+            m.errors.append(f"{IMPLS['tv_compile']}: {short_error(error)}")
     with bar("memory", len(impls)) as m.progress:
         for key in impls:
             results[key]["activation"] = m.activation(arch, batch, size, key)
 
     ok = [key for key in impls if results[key]["activation"] is not None]
-    x, target = C.make_batch(arch, batch, size, setup)
-    steps = {key: partial(C.train_step, m.model(arch, key), x, target, setup.amp) for key in ok}
+    x, target = make_batch(arch, batch, size, setup)
+    steps = {key: partial(train_step, m.model(arch, key), x, target, setup.amp) for key in ok}
     with bar("step time", cfg["repeats"] * len(ok)) as progress:
-        timings = C.time_steps(steps, cfg["repeats"], warmup=1, device=setup.device, progress=progress)
+        timings = time_steps(steps, cfg["repeats"], warmup=1, device=setup.device, progress=progress)
     for key in ok:
         results[key]["step_s"] = timings[key]["median"]
         results[key]["step_times_s"] = timings[key]["times"]
 
-    budget = cfg["budget"] * C.MiB
+    budget = cfg["budget"] * MiB
     with bar("max batch search") as m.progress:
         for key in ok:
-            if key in C.COMPILED:
+            if key in COMPILED:
                 continue  # every new batch size recompiles: not searched
             known = {batch: m.total(arch, batch, size, key)}
-            found, _ = C.largest_fitting(lambda b: m.total(arch, b, size, key), budget, known, start=2)
+            found, _ = largest_fitting(lambda b: m.total(arch, b, size, key), budget, known, start=2)
             results[key]["max_batch"] = found
     m.progress = None
     return results
@@ -163,16 +123,16 @@ def depth_sweep(m: Measurer, cfg, impls):
     results = {key: {} for key in impls}
     with bar("depth sweep", len(depths) * len(impls)) as m.progress:
         for depth in depths:
-            arch = C.arch(f"bc{depth}")
+            arch = named_arch(f"bc{depth}")
             for key in impls:
                 results[key][depth] = m.activation(arch, batch, DEPTH_SIZE, key)
             m.drop(arch)
 
-    budget, cap = cfg["budget"] * C.MiB, (cfg["max_depth"] - 4) // 6
+    budget, cap = cfg["budget"] * MiB, (cfg["max_depth"] - 4) // 6
     largest = {}
 
     def total(key, n):
-        arch = C.arch(f"bc{C.bc_depth(n)}")
+        arch = named_arch(f"bc{bc_depth(n)}")
         value = m.total(arch, batch, DEPTH_SIZE, key)
         m.drop(arch)
         return value
@@ -182,8 +142,8 @@ def depth_sweep(m: Measurer, cfg, impls):
             known = {(d - 4) // 6: total(key, (d - 4) // 6) for d in depths}
             if all(v == float("inf") for v in known.values()):
                 continue  # failed at every swept depth
-            n, capped = C.largest_fitting(partial(total, key), budget, known, start=1, cap=cap)
-            largest[key] = {"depth": C.bc_depth(n) if n else 0, "capped": capped}
+            n, capped = largest_fitting(partial(total, key), budget, known, start=1, cap=cap)
+            largest[key] = {"depth": bc_depth(n) if n else 0, "capped": capped}
     m.progress = None
     return results, largest
 
@@ -200,13 +160,13 @@ def batch_sweep(m: Measurer, arch, cfg, impls):
 
 def sweep_table(title, axis_name, axis, results, impls, extra_rows=()):
     """Rows: one per axis value, then growth first -> last; columns: activation MiB (vs naive) per implementation."""
-    base = results.get(C.BASELINE, {})
+    base = results.get(BASELINE, {})
     rows = []
     for value in axis:
         row = [value]
         for key in impls:
             act = results[key].get(value)
-            row.append(f"{fmt_mib(act)} ({C.ratio(act, base.get(value))})" if act is not None else "error")
+            row.append(f"{fmt_mib(act)} ({ratio(act, base.get(value))})" if act is not None else "error")
         rows.append(row)
     first, last = axis[0], axis[-1]
     growth = [f"{last} vs {first}"]
@@ -216,7 +176,7 @@ def sweep_table(title, axis_name, axis, results, impls, extra_rows=()):
     rows.append(growth)
     rows.extend(extra_rows)
     print(f"\n{title}")
-    print(C.table([axis_name] + [C.IMPLS[key] for key in impls], rows))
+    print(table([axis_name] + [IMPLS[key] for key in impls], rows))
 
 
 def plot(path, title, xlabel, axis, results, impls, log=False):
@@ -231,7 +191,7 @@ def plot(path, title, xlabel, axis, results, impls, log=False):
     for key in impls:
         points = [(v, mib(results[key].get(v))) for v in axis if results[key].get(v) is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=C.IMPLS[key])
+            ax.plot(*zip(*points), marker="o", label=IMPLS[key])
     if log:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -253,17 +213,17 @@ def plot(path, title, xlabel, axis, results, impls, log=False):
 
 def report_main(arch, cfg, setup, impls, main):
     """The main table: activation memory, step time and max batch, each against torchvision naive."""
-    base = main[C.BASELINE]
+    base = main[BASELINE]
     rows = []
     for key in impls:
         r = main[key]
         rows.append(
             [
-                C.IMPLS[key],
+                IMPLS[key],
                 fmt_mib(r.get("activation")),
-                C.ratio(r.get("activation"), base.get("activation")),
+                ratio(r.get("activation"), base.get("activation")),
                 f"{r['step_s'] * 1e3:.0f}" if "step_s" in r else "-",
-                C.ratio(r.get("step_s"), base.get("step_s")),
+                ratio(r.get("step_s"), base.get("step_s")),
                 r.get("max_batch", "-"),
             ]
         )
@@ -273,9 +233,9 @@ def report_main(arch, cfg, setup, impls, main):
         f"\n{arch.name}, batch {cfg['batch']}, {cfg['size']}x{cfg['size']}, {setup.describe()}: "
         f"one training step (step time: median of {cfg['repeats']} interleaved steps)"
     )
-    print(C.table(headers, rows))
+    print(table(headers, rows))
     if "compile_s" in main.get("tv_compile", {}):
-        print(C.compile_note(main["tv_compile"]["compile_s"]))
+        print(compile_note(main["tv_compile"]["compile_s"]))
     if (arch.name, cfg["batch"], cfg["size"]) == ("densenet121", 16, 64) and base.get("activation"):
         checks = []
         for key, target in ACCEPTANCE.items():
@@ -283,7 +243,7 @@ def report_main(arch, cfg, setup, impls, main):
             if act is not None:
                 r = act / base["activation"]
                 verdict = "met" if r <= target else "MISSED"
-                checks.append(f"{C.IMPLS[key]} {r:.3f}x (target <= {target:.2f}x: {verdict})")
+                checks.append(f"{IMPLS[key]} {r:.3f}x (target <= {target:.2f}x: {verdict})")
         print("  targets: " + "; ".join(checks))
 
 
@@ -311,9 +271,9 @@ def report_depth(cfg, depth, largest, impls):
         "(efficient_densenet_pytorch README): "
         f"efficient {p['efficient_gb']} GB / naive {p['naive_gb']} GB = {p['efficient_gb'] / p['naive_gb']:.2f}x"
     )
-    if d in depth[C.BASELINE]:
-        base = depth[C.BASELINE][d]
-        ours = [f"{C.IMPLS[key]} {C.ratio(depth[key].get(d), base)}" for key in impls if key != C.BASELINE]
+    if d in depth[BASELINE]:
+        base = depth[BASELINE][d]
+        ours = [f"{IMPLS[key]} {ratio(depth[key].get(d), base)}" for key in impls if key != BASELINE]
         print(f"  here at depth {d} (activations, vs torchvision naive): " + ", ".join(ours))
 
 
@@ -328,18 +288,18 @@ def csv_rows(arch, cfg, impls, main, depth, by_batch):
                  activation_vs_naive=ratio, **extra)
         )  # fmt: skip
 
-    base = main[C.BASELINE]
+    base = main[BASELINE]
     for key in impls:
         r = main[key]
         step, base_step = r.get("step_s"), base.get("step_s")
         row("main", arch.name, cfg["batch"], cfg["size"], key, r.get("activation"), base.get("activation"),
             step_ms=step * 1e3 if step else None, step_vs_naive=step / base_step if step and base_step else None,
             max_batch=r.get("max_batch"), budget_mib=cfg["budget"])  # fmt: skip
-    for key in C.EAGER_IMPLS:
+    for key in EAGER_IMPLS:
         for d in cfg["depths"]:
-            row("depth", f"bc{d}", cfg["depth_batch"], DEPTH_SIZE, key, depth[key].get(d), depth[C.BASELINE].get(d))
+            row("depth", f"bc{d}", cfg["depth_batch"], DEPTH_SIZE, key, depth[key].get(d), depth[BASELINE].get(d))
         for b in cfg["batches"]:
-            row("batch", arch.name, b, cfg["size"], key, by_batch[key].get(b), by_batch[C.BASELINE].get(b))
+            row("batch", arch.name, b, cfg["size"], key, by_batch[key].get(b), by_batch[BASELINE].get(b))
     return rows
 
 
@@ -348,7 +308,7 @@ VOLUME_PRESETS = {
     "default": dict(batch=2, size=64, repeats=5, budget=512),
     "full": dict(batch=2, size=96, repeats=10, budget=2048),
 }  # 64^3 is the smallest size whose last block still sees more than one voxel, which instance norm needs
-VOLUME_IMPLS = {"monai": "MONAI DenseNet121", "fused_eff": C.IMPLS["fused_eff"], "fused_keep": C.IMPLS["fused_keep"]}
+VOLUME_IMPLS = {"monai": "MONAI DenseNet121", "fused_eff": IMPLS["fused_eff"], "fused_keep": IMPLS["fused_keep"]}
 
 
 def volume_models(setup, impls):
@@ -371,7 +331,7 @@ def volume_models(setup, impls):
 
 def volume_benchmark(args, setup):
     """Activation memory, step time and max batch of one training step on [batch, 1, size^3] volumes."""
-    cfg = C.preset(args, VOLUME_PRESETS)
+    cfg = preset(args, VOLUME_PRESETS)
     impls = list(VOLUME_IMPLS)
     models = volume_models(setup, impls)
 
@@ -383,75 +343,76 @@ def volume_benchmark(args, setup):
         return x.to(setup.device, setup.dtype), torch.randint(0, 2, (n,), generator=gen).to(setup.device)
 
     x, target = batch(cfg["batch"])
-    results = {key: {"activation": C.activation_bytes(models[key], x, target, setup.amp)} for key in impls}
-    steps = {key: partial(C.train_step, models[key], x, target, setup.amp) for key in impls}
-    timings = C.time_steps(steps, cfg["repeats"], warmup=1, device=setup.device)
+    results = {key: {"activation": activation_bytes(models[key], x, target, setup.amp)} for key in impls}
+    steps = {key: partial(train_step, models[key], x, target, setup.amp) for key in impls}
+    timings = time_steps(steps, cfg["repeats"], warmup=1, device=setup.device)
 
     def total(key, n):
         xs, ts = batch(n)
-        return C.held_bytes(models[key], xs, ts) + C.activation_bytes(models[key], xs, ts, setup.amp)
+        return held_bytes(models[key], xs, ts) + activation_bytes(models[key], xs, ts, setup.amp)
 
-    budget = cfg["budget"] * C.MiB
+    budget = cfg["budget"] * MiB
     for key in impls:
         results[key]["step_s"] = timings[key]["median"]
         results[key]["step_times_s"] = timings[key]["times"]
         known = {cfg["batch"]: total(key, cfg["batch"])}
-        results[key]["max_batch"], _ = C.largest_fitting(partial(total, key), budget, known, start=1)
+        results[key]["max_batch"], _ = largest_fitting(partial(total, key), budget, known, start=1)
     base = results["monai"]
-    rows = [[VOLUME_IMPLS[key], fmt_mib(r["activation"]), C.ratio(r["activation"], base["activation"]),
-             f"{r['step_s'] * 1e3:.0f}", C.ratio(r["step_s"], base["step_s"]), r["max_batch"]]
+    rows = [[VOLUME_IMPLS[key], fmt_mib(r["activation"]), ratio(r["activation"], base["activation"]),
+             f"{r['step_s'] * 1e3:.0f}", ratio(r["step_s"], base["step_s"]), r["max_batch"]]
             for key, r in results.items()]  # fmt: skip
     print(
         f"\n3-D DenseNet-121 (instance norm, 1 input channel), batch {cfg['batch']}, {cfg['size']}^3 volumes, "
         f"{setup.describe()}: one training step (step time: median of {cfg['repeats']} interleaved steps)"
     )
     headers = ["implementation", "activation MiB", "vs MONAI", "step ms", "vs MONAI", f"max batch <= {cfg['budget']:g} MiB"]
-    print(C.table(headers, rows))
+    print(table(headers, rows))
     return cfg, results
 
 
 def main():
-    parser = C.parser(__doc__.splitlines()[0], budget=True)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop banners off stderr
+    parser = make_parser(__doc__.splitlines()[0], budget=True)
     parser.add_argument(
         "--spatial-dims", type=int, choices=[2, 3], default=2,
         help="3: only the 3-D instance-norm DenseNet-121 against MONAI's (needs monai), on volumes",
     )  # fmt: skip
     args = parser.parse_args()
     if args.spatial_dims == 3:
-        run = C.start_run(args, "densenet_fused memory benchmark, 3-D volumes")
+        run = start_run(args, "densenet_fused memory benchmark, 3-D volumes")
         cfg, results = volume_benchmark(args, run.setup)
         rows = [dict(impl=key, batch=cfg["batch"], size=cfg["size"], activation_mib=mib(r["activation"]),
                      step_ms=r["step_s"] * 1e3, max_batch=r["max_batch"], budget_mib=cfg["budget"])
                 for key, r in results.items()]  # fmt: skip
         run.finish("memory_3d", {"config": cfg, "volume": results}, rows)
         return
-    cfg = C.preset(args, PRESETS)
-    run = C.start_run(args, "densenet_fused memory benchmark")
+    cfg = preset(args, PRESETS)
+    run = start_run(args, "densenet_fused memory benchmark")
     setup, arch, impls = run.setup, run.arch, run.impls
-    check = C.self_check(setup.device)
+    check = self_check(setup.device)
     print(check)
 
     m = Measurer(setup)
     main = main_config(m, arch, cfg, impls, setup)
     report_main(arch, cfg, setup, impls, main)
-    depth, largest = depth_sweep(m, cfg, C.EAGER_IMPLS)
-    report_depth(cfg, depth, largest, C.EAGER_IMPLS)
-    by_batch = batch_sweep(m, arch, cfg, C.EAGER_IMPLS)
+    depth, largest = depth_sweep(m, cfg, EAGER_IMPLS)
+    report_depth(cfg, depth, largest, EAGER_IMPLS)
+    by_batch = batch_sweep(m, arch, cfg, EAGER_IMPLS)
     sweep_table(
         f"{arch.name}, {cfg['size']}x{cfg['size']}: activation MiB (vs naive) by batch size",
         "batch",
         list(cfg["batches"]),
         by_batch,
-        C.EAGER_IMPLS,
+        EAGER_IMPLS,
     )
     for error in dict.fromkeys(m.errors):
         print(f"  failed: {error}")
 
     plots = ("memory_vs_depth.png", "memory_vs_batch.png")
     depth_title = f"DenseNet-BC k=12, batch {cfg['depth_batch']}, {DEPTH_SIZE}x{DEPTH_SIZE}, {setup.describe()}"
-    plot(os.path.join(args.out, plots[0]), depth_title, "depth", cfg["depths"], depth, C.EAGER_IMPLS)
+    plot(os.path.join(args.out, plots[0]), depth_title, "depth", cfg["depths"], depth, EAGER_IMPLS)
     batch_title = f"{arch.name}, {cfg['size']}x{cfg['size']}, {setup.describe()}"
-    plot(os.path.join(args.out, plots[1]), batch_title, "batch size", cfg["batches"], by_batch, C.EAGER_IMPLS, log=True)
+    plot(os.path.join(args.out, plots[1]), batch_title, "batch size", cfg["batches"], by_batch, EAGER_IMPLS, log=True)
     data = {
         "config": {**cfg, "model": arch.name, "impls": impls, "compile_skipped": run.skip_reason or None},
         "self_check": check,

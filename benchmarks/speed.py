@@ -16,13 +16,21 @@ over the median time; and the compute floor: those FLOPs at this machine's measu
     python benchmarks/speed.py --device cuda --amp --channels-last   # + 224x224, batch 64
 """
 
-import _common as C  # first: it sets the profiler environment before torch loads
-
+import os
+import sys
 from functools import partial
 
-from tqdm import tqdm
+if __name__ == "__main__" and not __package__:  # run as a script: import the benchmarks package from the root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (batch, size) configs per device and mode; --batch / --size replace them with one config.
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.cli import compile_note, make_parser, preset, start_run  # noqa: E402
+from benchmarks.models import BASELINE, IMPLS, MiB, build_models, make_batch  # noqa: E402
+from benchmarks.report import ratio, short_error, table  # noqa: E402
+from benchmarks.steps import eval_step, first_step, step_flops, train_step  # noqa: E402
+from benchmarks.timing import matmul_rate, time_steps  # noqa: E402
+
 PRESETS = {
     "cpu": {
         "quick": dict(configs=[(8, 32), (16, 64)], repeats=5),
@@ -39,34 +47,34 @@ PRESETS = {
 
 def run_config(arch, batch, size, setup, impls, repeats, errors):
     """Time every implementation on one (batch, size); returns {impl: result dict}."""
-    models = C.build_models(arch, impls, setup)
-    x, target = C.make_batch(arch, batch, size, setup)
+    models = build_models(arch, impls, setup)
+    x, target = make_batch(arch, batch, size, setup)
     results = {}
     for key in impls:  # the first step compiles (torch.compile) and shows which implementations run at all
         try:
-            results[key] = {"first_step_s": C.first_step(models[key], x, target, setup.amp)}
+            results[key] = {"first_step_s": first_step(models[key], x, target, setup.amp)}
         except Exception as error:
-            errors.append(f"{C.IMPLS[key]} at batch {batch}, {size}x{size}: {C.short_error(error)}")
-    steps = {key: partial(C.train_step, models[key], x, target, setup.amp) for key in results}
+            errors.append(f"{IMPLS[key]} at batch {batch}, {size}x{size}: {short_error(error)}")
+    steps = {key: partial(train_step, models[key], x, target, setup.amp) for key in results}
     desc = f"batch {batch}, {size}x{size}"
     with tqdm(total=2 * repeats * len(steps), desc=desc, leave=False, dynamic_ncols=True) as progress:
-        timings = C.time_steps(steps, repeats, warmup=1, device=setup.device, progress=progress)
+        timings = time_steps(steps, repeats, warmup=1, device=setup.device, progress=progress)
         for key in steps:
             models[key].eval()
-        inference = {key: partial(C.eval_step, models[key], x, setup.amp) for key in steps}
-        eval_timings = C.time_steps(inference, repeats, warmup=1, device=setup.device, progress=progress)
+        inference = {key: partial(eval_step, models[key], x, setup.amp) for key in steps}
+        eval_timings = time_steps(inference, repeats, warmup=1, device=setup.device, progress=progress)
     for key, t in timings.items():
         results[key].update(median_s=t["median"], times_s=t["times"])
         results[key].update(eval_median_s=eval_timings[key]["median"], eval_times_s=eval_timings[key]["times"])
         if "peak" in t:
             results[key]["max_memory_allocated"] = t["peak"]
-    naive = models[C.BASELINE]
-    flops = {"train": C.step_flops(naive, x, target), "eval": C.step_flops(naive, x, target, train=False)}
+    naive = models[BASELINE]
+    flops = {"train": step_flops(naive, x, target), "eval": step_flops(naive, x, target, train=False)}
     return results, flops
 
 
 def print_config(arch, batch, size, setup, results, flops, rate, repeats):
-    base = results.get(C.BASELINE, {})
+    base = results.get(BASELINE, {})
     cuda = setup.device.type == "cuda"
     for mode, prefix, what in (("train", "", "training step"), ("eval", "eval_", "eval-mode inference, no_grad")):
         headers = ["implementation", "median ms", "min-max ms", "vs naive", "GFLOP/s", "images/s"]
@@ -75,39 +83,40 @@ def print_config(arch, batch, size, setup, results, flops, rate, repeats):
         rows = []
         for key, r in results.items():
             median, ms = r[f"{prefix}median_s"], [t * 1e3 for t in r[f"{prefix}times_s"]]
-            row = [C.IMPLS[key], f"{median * 1e3:.1f}", f"{min(ms):.0f}-{max(ms):.0f}"]
-            row += [C.ratio(median, base.get(f"{prefix}median_s")), f"{flops[mode] / median / 1e9:.0f}", f"{batch / median:.1f}"]
+            row = [IMPLS[key], f"{median * 1e3:.1f}", f"{min(ms):.0f}-{max(ms):.0f}"]
+            row += [ratio(median, base.get(f"{prefix}median_s")), f"{flops[mode] / median / 1e9:.0f}", f"{batch / median:.1f}"]
             if cuda and mode == "train":
                 peak = r["max_memory_allocated"]
-                row += [f"{peak / C.MiB:.0f}", C.ratio(peak, base.get("max_memory_allocated"))]
+                row += [f"{peak / MiB:.0f}", ratio(peak, base.get("max_memory_allocated"))]
             rows.append(row)
         print(f"\n{arch.name}, batch {batch}, {size}x{size}, {setup.describe()}, {what} (median of {repeats} interleaved)")
-        print(C.table(headers, rows))
+        print(table(headers, rows))
         floor = flops[mode] / rate
         print(
             f"  compute floor: {flops[mode] / 1e9:.1f} GFLOP at this machine's GEMM rate of {rate / 1e9:.0f} GFLOP/s "
-            f"= {floor * 1e3:.1f} ms ({C.ratio(floor, base.get(f'{prefix}median_s'))} torchvision naive)"
+            f"= {floor * 1e3:.1f} ms ({ratio(floor, base.get(f'{prefix}median_s'))} torchvision naive)"
         )
     if "tv_compile" in results:
-        print(C.compile_note(results["tv_compile"]["first_step_s"]))
+        print(compile_note(results["tv_compile"]["first_step_s"]))
 
 
 def main():
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
-    run = C.start_run(args, "densenet_fused speed benchmark")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop banners off stderr
+    args = make_parser(__doc__.splitlines()[0]).parse_args()
+    run = start_run(args, "densenet_fused speed benchmark")
     setup, arch, impls = run.setup, run.arch, run.impls
-    cfg = C.preset(args, PRESETS[setup.device.type])
+    cfg = preset(args, PRESETS[setup.device.type])
     configs = cfg["configs"]
     if args.batch or args.size:
         configs = [(args.batch or configs[0][0], args.size or configs[0][1])]
-    rate = C.matmul_rate(setup.device, setup.amp or setup.dtype)
+    rate = matmul_rate(setup.device, setup.amp or setup.dtype)
     print(f"dense GEMM rate (torch.mm, 2048^2, {setup.amp or setup.dtype}, best of 5): {rate / 1e9:.0f} GFLOP/s")
     errors, all_results, rows = [], [], []
     for batch, size in configs:
         results, flops = run_config(arch, batch, size, setup, impls, cfg["repeats"], errors)
         print_config(arch, batch, size, setup, results, flops, rate, cfg["repeats"])
         all_results.append({"batch": batch, "size": size, "flops": flops, "results": results})
-        base = results.get(C.BASELINE, {})
+        base = results.get(BASELINE, {})
         for key, r in results.items():
             rows.append(
                 dict(
@@ -117,7 +126,7 @@ def main():
                     gflops_per_s=flops["train"] / r["median_s"] / 1e9,
                     eval_median_ms=r["eval_median_s"] * 1e3,
                     eval_vs_naive=r["eval_median_s"] / base["eval_median_s"] if "eval_median_s" in base else None,
-                    max_memory_allocated_mib=r["max_memory_allocated"] / C.MiB if "max_memory_allocated" in r else None,
+                    max_memory_allocated_mib=r["max_memory_allocated"] / MiB if "max_memory_allocated" in r else None,
                 )
             )  # fmt: skip
     for error in errors:
