@@ -23,6 +23,7 @@ reference rounds its activation).  The weight may stay float32 under autocast: t
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,14 +60,10 @@ if _tr.TRITON_AVAILABLE:
         """Configs of the launch's family; pooled-safe ones when pooling; no block wider than needed."""
         family, pooling = _family(named_args, kwargs), _pooling(named_args, kwargs)
         mine = [c for c in configs if _CONFIG_TAGS.get(id(c), ("", True))[0] == family]
-        kept = [
-            c
-            for c in mine
-            if (_CONFIG_TAGS[id(c)][1] or not pooling)
-            and all(c.kwargs[name] <= max(32, _tr.next_power_of_2(size)) for name, size in widths.items())
-        ]
-        if not kept:  # e.g. B below every BLOCK_B of the family: the narrowest config
-            kept = sorted(mine, key=lambda c: [c.kwargs[name] for name in widths])[:1]
+        usable = [c for c in mine if _CONFIG_TAGS[id(c)][1] or not pooling]
+        kept = [c for c in usable if all(c.kwargs[name] <= max(32, _tr.next_power_of_2(size)) for name, size in widths.items())]
+        if not kept:  # e.g. B below every BLOCK_B of the family: the narrowest, then the smallest tile
+            kept = sorted(usable, key=lambda c: [*(c.kwargs[name] for name in widths), math.prod(c.kwargs.values()) * c.num_stages])[:1]
         return kept or configs[:1]
 
     def _prune_forward(configs, named_args, **kwargs):
