@@ -13,35 +13,13 @@ from torch import Tensor
 from . import _triton as _tr
 from ._autograd import bn_autograd
 from ._primitive import Op
+from ._math import batch_norm_backward, bn_relu_math, normalize
 from .layout import acc_dtype, broadcast, empty_like_layout
-
-
-def normalize(x, mean, invstd):
-    """x_hat = (x - mean) * invstd, in the accumulation dtype."""
-    return (x.to(mean.dtype) - broadcast(mean, x)) * broadcast(invstd, x)
-
-
-def batch_norm_backward(grad_y, x_hat, invstd, gamma, training):
-    """Gradients of y = gamma * x_hat + beta for x, gamma and beta (x_hat from batch stats if training).
-
-    Statistics are per channel [C], or per sample and channel [N, C] (instance norm): then the training
-    formula's means run over each sample's spatial dims only.
-    """
-    spatial = list(range(2, grad_y.dim()))
-    sample_beta, sample_gamma = grad_y.sum(spatial), (grad_y * x_hat).sum(spatial)  # [N, C]
-    grad_beta, grad_gamma = sample_beta.sum(0), sample_gamma.sum(0)
-    if training:
-        count = grad_y[0, 0].numel()
-        if invstd.dim() == 1:
-            sample_beta, sample_gamma, count = grad_beta, grad_gamma, count * grad_y.size(0)
-        grad_y = grad_y - broadcast(sample_beta / count, x_hat) - x_hat * broadcast(sample_gamma / count, x_hat)
-    return grad_y * broadcast(gamma * invstd, x_hat), grad_gamma, grad_beta
 
 
 def bn_relu_reference(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """relu(gamma * (x - mean) * invstd + beta) per channel, in x's dtype and layout."""
-    z = normalize(x, mean, invstd) * broadcast(gamma, x) + broadcast(beta, x)
-    return torch.relu(z).to(x.dtype)
+    return bn_relu_math(x, mean, invstd, gamma, beta)
 
 
 def bn_relu_backward_reference(

@@ -12,25 +12,15 @@ from . import _triton as _tr
 from ._autograd import bn_autograd
 from ._conv1x1_triton import conv1x1_backward_triton, conv1x1_forward_triton, runs_conv1x1_triton
 from ._primitive import Op
-from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
-from .layout import broadcast, empty_like_layout, is_channels_last
-
-
-def matmul_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv as a GEMM: weight [B, C] times x [N, C, *spatial], output in x's layout."""
-    flat = x.flatten(2)
-    if is_channels_last(x):
-        out = (flat.mT @ weight.mT).mT
-    else:
-        out = weight @ flat
-    return out.unflatten(2, x.shape[2:])
+from ._math import batch_norm_backward, bn_relu_math, matmul_channels, normalize
+from .layout import broadcast, empty_like_layout
 
 
 def bn_relu_conv1x1_reference(
     x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor
 ) -> Tensor:
     """weight [B, C] @ relu(bn(x)) for x [N, C, *spatial]; [N, B, *spatial] out in x's layout."""
-    return matmul_channels(weight, bn_relu_reference(x, mean, invstd, gamma, beta))
+    return matmul_channels(weight, bn_relu_math(x, mean, invstd, gamma, beta))
 
 
 def bn_relu_conv1x1_backward_reference(

@@ -12,8 +12,7 @@ from . import _triton as _tr
 from ._autograd import bn_autograd
 from ._conv1x1_triton import conv1x1_backward_triton, conv1x1_forward_triton, runs_conv1x1_triton
 from ._primitive import Op
-from .bn_relu import batch_norm_backward, bn_relu_reference, normalize
-from .bn_relu_conv1x1 import matmul_channels
+from ._math import batch_norm_backward, bn_relu_math, matmul_channels, normalize
 from .layout import broadcast, empty_like_layout, to_layout_of
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -39,7 +38,7 @@ def bn_relu_pool_conv1x1_reference(
     x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor
 ) -> Tensor:
     """weight [B, C] @ avgpool2(relu(bn(x))), in x's layout."""
-    pooled = avg_pool2x(bn_relu_reference(x, mean, invstd, gamma, beta))
+    pooled = avg_pool2x(bn_relu_math(x, mean, invstd, gamma, beta))
     return to_layout_of(matmul_channels(weight, pooled), x)  # CPU avg_pool3d drops channels_last_3d
 
 
