@@ -96,4 +96,5 @@ def affine(norm, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor
     if norm.weight is None:
         ones = torch.ones(norm.num_features, dtype=dtype, device=device)
         return ones, torch.zeros_like(ones)
-    return norm.weight.to(dtype), norm.bias.to(dtype)
+    weight, bias = norm.weight, norm.bias
+    return (weight, bias) if weight.dtype == dtype == bias.dtype else (weight.to(dtype), bias.to(dtype))

@@ -2,6 +2,7 @@
 for CPU tensors, the reference on other devices or when forced, and whatever backend runs the statistics
 the Triton path does not take (per-sample ones, run once per sample, and synchronized BatchNorms)."""
 
+import torch
 from torch import Tensor
 
 from ..ops import PRIMITIVES
@@ -36,16 +37,14 @@ class OpKernels:
 
     def _write_stats(self, x: Tensor, stats) -> None:
         if stats is not None:
-            mean, var = self.stats(x)
-            stats[0].copy_(mean)
-            stats[1].copy_(var)
+            torch._foreach_copy_(list(stats), list(self.stats(x)))
 
     def copy(self, src, dst, stats=None, keep=None, drop_scale: float = 1.0) -> None:
         dst.copy_(src if keep is None else src * keep * drop_scale)
         self._write_stats(dst, stats)
 
     def conv1x1(self, x, norm: NormArgs, weight, stats=None) -> Tensor:
-        out = self._conv1x1(x, *self._norm(x, norm), weight.flatten(1).to(x.dtype))
+        out = self._conv1x1(x, *self._norm(x, norm), _matrix(weight, x.dtype))
         self._write_stats(out, stats)
         return out
 
@@ -57,9 +56,11 @@ class OpKernels:
 
     def conv1x1_backward(self, grad_y, x, norm: NormArgs, weight, grad_buffer, training: bool):
         grad_weight, grad_gamma, grad_beta = self._conv1x1_backward(
-            grad_y, x, *self._norm(x, norm), weight.flatten(1).to(x.dtype), grad_buffer, training
+            grad_y, x, *self._norm(x, norm), _matrix(weight, x.dtype), grad_buffer, training
         )
-        return grad_weight.to(weight.dtype).view(weight.shape), grad_gamma, grad_beta
+        if grad_weight.dtype != weight.dtype:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_weight.view(weight.shape), grad_gamma, grad_beta
 
     def _norm(self, x: Tensor, norm: NormArgs) -> tuple:
         """(mean, invstd, gamma, beta) in x's accumulation dtype, as the primitives take them (computed once per
@@ -68,3 +69,9 @@ class OpKernels:
         if found is None or found[0] is not norm:
             found = self._invstd[id(norm)] = (norm, tuple(norm.with_invstd(acc_dtype(x.dtype))[:4]))
         return found[1]
+
+
+def _matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 1x1 conv's weight [B, C, 1, ...] as the [B, C] matrix the primitives take, in the input's dtype."""
+    matrix = weight.flatten(1)
+    return matrix if matrix.dtype == dtype else matrix.to(dtype)

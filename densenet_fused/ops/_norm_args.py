@@ -25,7 +25,8 @@ class NormArgs(NamedTuple):
         """The same normalization as (mean, invstd, gamma, beta) in ``dtype``, for kernels that take invstd."""
         if self.eps is None:
             return self
-        return NormArgs(self.mean.to(dtype), torch.rsqrt(self.invstd.to(dtype) + self.eps), self.gamma, self.beta)
+        mean, var = (t if t.dtype == dtype else t.to(dtype) for t in self[:2])
+        return NormArgs(mean, torch.rsqrt(var + self.eps), self.gamma, self.beta)
 
     def kernel_args(self) -> tuple:
         """((mean, invstd or var, gamma, beta), (eps_hi, eps_lo), the ``VAR`` constexpr): eps as two float32
