@@ -30,11 +30,12 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     A MONAI ``DenseNet`` (or ``DenseNet121/169/201/264``) becomes the ``DenseNet`` that ``from_monai_config``
     builds, holding MONAI's modules, with torchvision's state_dict keys (``monai_state_dict`` gives MONAI's);
-    MONAI dense blocks and transitions inside other networks are converted in place.
+    MONAI dense blocks and transitions inside other networks are converted in place.  A MONAI layer's
+    ``Dropout2d``/``Dropout3d`` becomes the fused layer's ``channel_dropout`` (the same seeded masks).
 
     Like ``SyncBatchNorm.convert_sync_batchnorm``, a ``model`` that is itself a block is returned as a new
     module.  A module of these types that the fused kernels cannot compute exactly (another activation or
-    norm, a conv with bias or another shape, another pooling, channel dropout), or that has hooks registered
+    norm, a conv with bias or another shape, another pooling or dropout), or that has hooks registered
     (they would be lost with it), raises ValueError naming it; nothing is half-converted.
     """
     tracing.register_timm_leaves()
@@ -103,17 +104,20 @@ def _fused_block(block: nn.Module, path: str) -> _DenseBlock:
 
 def _fused_layer(layer: nn.Module, path: str) -> _DenseLayer:
     if _is(layer, tv._DenseLayer, timm="DenseLayer"):
-        parts, prefix, drop_rate = layer, path, layer.drop_rate
+        parts, prefix = layer, path
     elif _is(layer, monai="_DenseLayer"):  # MONAI's runs the nn.Sequential ``layers`` in order
         _check_no_hooks(layer, path)
         parts, prefix = layer.layers, f"{path}.layers"
-        drop_rate = _monai_drop_rate(parts, prefix)
         if list(parts._modules) != _MONAI_LAYER_MODULES + ["dropout"] * ("dropout" in parts._modules):
             raise ValueError(f"{prefix} holds {list(parts._modules)}, not the modules of MONAI's dense layer")
     else:
         raise ValueError(f"{path}: a dense block holds a {type(layer).__name__}, not a dense layer")
     _check_no_hooks(parts, prefix)
     spatial_dims = _check_conv(parts.conv1, 1, 0, f"{prefix}.conv1")
+    if parts is layer:  # torchvision's and timm's: F.dropout of single values
+        drop_rate, channel_dropout = layer.drop_rate, False
+    else:
+        drop_rate, channel_dropout = _monai_dropout(parts, spatial_dims, prefix)
     _check_conv(parts.conv2, 3, 1, f"{prefix}.conv2")
     for name in ("norm1", "norm2"):
         _check_norm(getattr(parts, name), f"{prefix}.{name}")
@@ -121,22 +125,29 @@ def _fused_layer(layer: nn.Module, path: str) -> _DenseLayer:
         _check_relu(parts._modules.get(name), f"{prefix}.{name}")
     memory_efficient = getattr(layer, "memory_efficient", getattr(layer, "grad_checkpointing", True))
     with torch.device("meta"):
-        fused = _DenseLayer(1, 1, 1, drop_rate, memory_efficient, spatial_dims)
+        fused = _DenseLayer(1, 1, 1, drop_rate, memory_efficient, spatial_dims, channel_dropout=channel_dropout)
     for name in ("norm1", "conv1", "norm2", "conv2"):
         setattr(fused, name, getattr(parts, name))
     fused.training = layer.training
     return fused
 
 
-def _monai_drop_rate(layers: nn.Sequential, path: str) -> float:
-    """The dropout rate of a MONAI dense layer: it has ``nn.Dropout`` in 1-D, and drops whole channels
-    (``Dropout2d/3d``) in 2-D and 3-D, which the fused blocks (element dropout, as torchvision's) cannot."""
+_CHANNEL_DROPOUTS = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
+
+
+def _monai_dropout(layers: nn.Sequential, spatial_dims: int, path: str) -> tuple[float, bool]:
+    """(rate, whether it drops whole channels) of a MONAI dense layer's dropout: ``nn.Dropout`` (MONAI's in
+    1-D) drops single values, ``Dropout2d/3d`` (MONAI's in 2-D and 3-D; ``Dropout1d`` too) whole channels."""
     dropout = layers._modules.get("dropout")
     if dropout is None:
-        return 0.0
-    if type(dropout) is not nn.Dropout:
-        raise ValueError(f"{path}.dropout is a {type(dropout).__name__}; fused blocks drop single values (nn.Dropout)")
-    return float(dropout.p)
+        return 0.0, False
+    channel = _CHANNEL_DROPOUTS[spatial_dims]
+    if type(dropout) not in (nn.Dropout, channel):
+        raise ValueError(
+            f"{path}.dropout is a {type(dropout).__name__}; fused blocks drop single values (nn.Dropout) or whole "
+            f"channels ({channel.__name__})"
+        )
+    return float(dropout.p), type(dropout) is channel
 
 
 def _fused_monai_densenet(model: nn.Module, path: str) -> DenseNet:

@@ -41,6 +41,8 @@ class DenseNet(nn.Module):
           (InstanceNorm, MONAI's choice for small batches of 3-D volumes), or MONAI's ``(name, kwargs)``
         small_inputs (bool, keyword-only) - if True, the stem is a 3x3 stride-1 conv alone (no norm0, relu0, pool0),
           as in the CIFAR/SVHN networks of Huang et al.; False (default): torchvision's ImageNet stem
+        channel_dropout (bool, keyword-only) - if True, dropout zeroes whole channels per sample (F.dropout2d/3d,
+          MONAI's choice in 2-D and 3-D); False (default): single values, as torchvision's
 
     ``load_state_dict`` takes a MONAI DenseNet's keys (``denselayerN.layers.*``, ``class_layers.out.*``) as
     well as torchvision's: a load_state_dict pre-hook renames them.
@@ -60,6 +62,7 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         norm: str | tuple = "batch",
         small_inputs: bool = False,
+        channel_dropout: bool = False,
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
@@ -95,6 +98,7 @@ class DenseNet(nn.Module):
                 memory_efficient=memory_efficient,
                 spatial_dims=spatial_dims,
                 norm=norm,
+                channel_dropout=channel_dropout,
             )
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
@@ -144,9 +148,10 @@ class DenseNet(nn.Module):
         Same layers, initialization and numerics; module names and state_dict keys are torchvision's
         (``load_state_dict`` takes MONAI's keys as well; ``monai_state_dict`` gives them).  The fused blocks
         apply ReLU only (MONAI's default), with MONAI's "batch" or "instance" norm and its arguments, and
-        dropout only in 1-D: in 2-D and 3-D MONAI drops whole channels, the fused blocks single values (as
-        torchvision's).  ``pretrained`` and ``progress`` are those of MONAI's ``DenseNet121/169/201/264``, the
-        one whose default ``block_config`` this is (``densenet_fused.monai`` has those classes themselves).
+        MONAI's dropout: single values in 1-D, whole channels in 2-D and 3-D (``channel_dropout``, drawn as
+        MONAI's Dropout2d/3d draw them).  ``pretrained`` and ``progress`` are those of MONAI's
+        ``DenseNet121/169/201/264``, the one whose default ``block_config`` this is (``densenet_fused.monai`` has
+        those classes themselves).
         """
         kwargs = monai_arguments(
             spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, bn_size, act, norm,
@@ -244,12 +249,6 @@ def monai_arguments(
         raise ValueError(
             f"fused dense blocks apply ReLU only: act must be 'relu' or ('relu', {{...}}), got act={act!r}"
         )
-    if dropout_prob > 0 and spatial_dims != 1:
-        raise ValueError(
-            f"MONAI's {spatial_dims}-D DenseNet drops whole channels (Dropout{spatial_dims}d), fused blocks drop "
-            f"single values: dropout_prob must be 0 for spatial_dims={spatial_dims}, got {dropout_prob} "
-            "(dropout_prob > 0 is supported for spatial_dims=1, where MONAI uses nn.Dropout)"
-        )
     return dict(
         growth_rate=growth_rate,
         block_config=tuple(block_config),
@@ -260,6 +259,7 @@ def monai_arguments(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         norm=_monai_layer_spec(norm),
+        channel_dropout=spatial_dims != 1,  # MONAI's Dropout2d/3d; nn.Dropout in 1-D
     )
 
 

@@ -97,11 +97,10 @@ def _set(model, path, module):
     [
         (lambda: _monai(2, act="prelu"), "relu is a PReLU; fused blocks apply ReLU"),
         (lambda: _monai(3, norm=("group", {"num_groups": 2})), "norm1 is a GroupNorm"),
-        (lambda: _monai(2, dropout_prob=0.2), "dropout is a Dropout2d"),
         (lambda: _set(_monai(2), "class_layers.pool", nn.AdaptiveMaxPool2d(1)), "class_layers is"),
         (lambda: nn.Sequential(_monai(2).features.denseblock1.denselayer1), "a MONAI dense layer returns its input"),
     ],
-    ids=["prelu", "group_norm", "channel_dropout", "max_pool_head", "bare_layer"],
+    ids=["prelu", "group_norm", "max_pool_head", "bare_layer"],
 )
 def test_monai_modules_that_cannot_be_fused_raise(make, message):
     with pytest.raises(ValueError, match=message):
@@ -116,11 +115,6 @@ def test_monai_blocks_inside_other_networks_convert_in_place():
     assert [type(m) for m in converted] == [densenet_fused.DenseBlock, densenet_fused.Transition]
     x = torch.randn(2, 8, 9, 10, dtype=torch.float64)
     torch.testing.assert_close(converted(x), reference(x), rtol=1e-10, atol=1e-10)
-
-
-def test_from_monai_config_refuses_channel_dropout():
-    with pytest.raises(ValueError, match="drops whole channels"):
-        densenet_fused.DenseNet.from_monai_config(2, 2, 3, dropout_prob=0.1)
 
 
 @pytest.mark.parametrize("norm", [("group", {"num_groups": 2}), "layer", ("instance", {"eps": 1e-5, "bogus": 1})])
@@ -244,12 +238,13 @@ def test_monai_keys_fail_to_load_as_torch_fails(change, strict):
 
 
 @pytest.mark.parametrize("name", ["DenseNet", "DenseNet121"])
-def test_monai_constructors_refuse_prelu_and_channel_dropout(name):
+def test_monai_constructors_refuse_prelu_and_take_channel_dropout(name):
     build = getattr(fused_monai, name)
     with pytest.raises(ValueError, match=r"apply ReLU only: act must be 'relu'"):
         build(2, 2, 3, act=("prelu", {"num_parameters": 1}))
-    with pytest.raises(ValueError, match=r"Dropout3d.*supported for spatial_dims=1"):
-        build(3, 2, 3, dropout_prob=0.2)
+    net = build(3, 2, 3, init_features=4, growth_rate=2, block_config=(1, 1), dropout_prob=0.2)  # Dropout3d's
+    layers = [m for m in net.modules() if isinstance(m, densenet_fused.DenseLayer)]
+    assert layers and all(layer.channel_dropout and layer.drop_rate == 0.2 for layer in layers)
 
 
 @pytest.mark.parametrize(

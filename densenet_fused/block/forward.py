@@ -11,15 +11,36 @@ from .inputs import _batch_group, _check_input, _instance
 from .plan import _flatten, _LayerParams, _LayerPlan, _plan_args
 
 
-def _dropout_masks(x: Tensor, growth: int, plans: list[_LayerPlan]) -> list[Tensor]:
-    """The dropout masks of the layers that drop, as bool, drawn in layer order the way torchvision's F.dropout
-    calls draw them (same shape, dtype and layout as each layer's new features)."""
-    drops = [plan.drop for plan in plans if plan.drop > 0]
-    if not drops:  # the common case: no tensor to allocate
-        return []
-    ones = empty_like_layout(x, growth).fill_(1)
-    return [F.dropout(ones, drop, True) != 0 for drop in drops]
+def _dropout_masks(x: Tensor, growth: int, plans: list[_LayerPlan], layers: list) -> list[Tensor]:
+    """The dropout masks of the layers that drop, as bool, drawn in layer order with the RNG draws the layers'
+    own dropout would make: element dropout (torchvision's F.dropout) a mask shaped like the new features
+    (same dtype and layout), channel dropout (``channel_dropout``: MONAI's Dropout2d/3d) one value per sample
+    and channel, [N, k, 1, ...], which the block ops expand (it is never materialized per pixel)."""
+    masks, ones = [], None
+    for plan, layer in zip(plans, layers):
+        if plan.drop <= 0:  # the common case: no tensor to allocate
+            continue
+        if channel_dropout(layer):
+            masks.append(_channel_mask(x, growth, plan.drop))
+            continue
+        if ones is None:
+            ones = empty_like_layout(x, growth).fill_(1)
+        masks.append(F.dropout(ones, plan.drop, True) != 0)
+    return masks
 
+
+def channel_dropout(layer) -> bool:
+    """Whether ``layer`` drops whole channels (a layer pickled before the attribute existed drops values)."""
+    return getattr(layer, "channel_dropout", False)
+
+
+def _channel_mask(x: Tensor, growth: int, drop: float) -> Tensor:
+    """[N, growth, 1, ...] bool: the channels F.dropout1d/2d/3d keep, with their draws (ATen's feature dropout
+    fills a [N, C, 1, ...] tensor of the input's dtype with ``bernoulli_(1 - p)``, and draws nothing at p = 1)."""
+    shape = (x.size(0), growth, *[1] * (x.dim() - 2))
+    if drop >= 1:
+        return torch.zeros(shape, dtype=torch.bool, device=x.device)
+    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - drop) != 0
 
 
 def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str) -> Tensor:
@@ -58,7 +79,7 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
         sync, count = _batch_group(batch_norms, size, x, instance, what)
-    masks = _dropout_masks(x, first.conv2.out_channels, plans)
+    masks = _dropout_masks(x, first.conv2.out_channels, plans, layers)
     params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
     group, group_count = (None, None) if sync is None else (sync.name, sync.count)
     eager = _WRITES_GRADIENTS and not torch.compiler.is_compiling() and not _compiled_autograd_on()

@@ -54,7 +54,13 @@ def norm_factory(spatial_dims: int, norm: str | tuple = "batch"):
 
 
 class _DenseLayer(nn.Module):
-    """One BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 layer; callable alone with torchvision's semantics."""
+    """One BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 layer; callable alone with torchvision's semantics.
+
+    Dropout (``drop_rate > 0``, in training) zeroes single values of the new features, as torchvision's
+    ``F.dropout``; with ``channel_dropout=True`` (keyword-only, attribute of the same name) it zeroes whole
+    channels per sample, as ``F.dropout1d/2d/3d`` (MONAI's ``Dropout2d``/``Dropout3d`` in 2-D and 3-D), with the
+    same RNG draws: seeded runs match.  The mask is kept per sample and channel ([N, k]), never per value.
+    """
 
     def __init__(
         self,
@@ -65,6 +71,8 @@ class _DenseLayer(nn.Module):
         memory_efficient: bool = True,
         spatial_dims: int = 2,
         norm: str | tuple = "batch",
+        *,
+        channel_dropout: bool = False,
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
@@ -78,6 +86,7 @@ class _DenseLayer(nn.Module):
         self.conv2 = types.conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
         self.drop_rate = float(drop_rate)
+        self.channel_dropout = bool(channel_dropout)
         self.memory_efficient = memory_efficient
 
     __prepare_scriptable__ = tracing.refuse_torchscript
@@ -93,7 +102,10 @@ class _DenseLayer(nn.Module):
 
 
 class _DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers sharing one feature buffer; returns that buffer."""
+    """``num_layers`` dense layers sharing one feature buffer; returns that buffer.
+
+    ``channel_dropout`` (keyword-only) is its layers': dropout of whole channels instead of single values.
+    """
 
     _version = 2
 
@@ -107,6 +119,8 @@ class _DenseBlock(nn.ModuleDict):
         memory_efficient: bool = True,
         spatial_dims: int = 2,
         norm: str | tuple = "batch",
+        *,
+        channel_dropout: bool = False,
     ) -> None:
         super().__init__()
         for i in range(num_layers):
@@ -118,6 +132,7 @@ class _DenseBlock(nn.ModuleDict):
                 memory_efficient=memory_efficient,
                 spatial_dims=spatial_dims,
                 norm=norm,
+                channel_dropout=channel_dropout,
             )
             self.add_module("denselayer%d" % (i + 1), layer)
 

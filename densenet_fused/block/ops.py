@@ -32,8 +32,8 @@ def _conv3x3_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, 
 
 
 def drop_scale(drop: float) -> float:
-    """The factor F.dropout scales the values it keeps by."""
-    return 1.0 / (1.0 - drop)
+    """The factor F.dropout scales the values it keeps by (0 at p = 1, where it keeps none)."""
+    return 1.0 / (1.0 - drop) if drop < 1 else 0.0
 
 
 def _channels(stats: Tensor, start: int, stop: int) -> Tensor:
@@ -51,7 +51,8 @@ def dense_block(inputs, params, running, masks, *plan_args_block):
     """Run the layers over one buffer holding ``inputs`` concatenated.
 
     ``params`` are the layers' ``_LayerParams`` flattened, ``running`` the (running mean, running var) of the
-    norms that use running statistics, ``masks`` the dropout masks of the layers that drop, and the lists after
+    norms that use running statistics, ``masks`` the dropout masks of the layers that drop (shaped like their new
+    features, or [N, k, 1, ...] for channel dropout: they broadcast), and the lists after
     them the layers' ``_LayerPlan`` field by field.  ``group`` names the process group the batch statistics are
     reduced over (None: this process's batch), ``instance`` says the norms are instance norms and ``count`` is
     the number of values per channel over the group.  Returns (buffer, mean, var, mean2, var2, kept
@@ -79,7 +80,7 @@ def dense_block(inputs, params, running, masks, *plan_args_block):
         c = c0 + l * growth
         bottleneck = kernels.conv1x1(buf[:, :c], norm1, p.conv1, (mean2[l], var2[l]) if plan.training2 else None)
         new = conv3x3(kernels.bn_relu(bottleneck, norm2), p.conv2)
-        keep = next(masks) if plan.drop > 0 else None
+        keep = next(masks).expand(new.shape) if plan.drop > 0 else None  # a channel mask: zero strides
         kernels.copy(new, buf[:, c : c + growth], stats(c, c + growth), keep, drop_scale(plan.drop) if plan.drop > 0 else 1.0)
         if plan.keep_bottleneck:
             bottlenecks.append(bottleneck)

@@ -106,7 +106,8 @@ def dense_block(block: nn.Module, init_features: Tensor | list[Tensor]) -> Tenso
 
 
 def dense_layer(layer: nn.Module, input: Tensor | list[Tensor]) -> Tensor:
-    """torchvision's _DenseLayer.forward: the new features of a tensor or a list of tensors (concatenated)."""
+    """torchvision's _DenseLayer.forward: the new features of a tensor or a list of tensors (concatenated);
+    a ``channel_dropout`` layer drops channels as MONAI's does (F.dropout1d/2d/3d)."""
     inputs = [input] if isinstance(input, Tensor) else input
     recompute = layer.memory_efficient and any(x.requires_grad for x in inputs)
     if recompute and not torch._C._are_functorch_transforms_active():
@@ -116,8 +117,13 @@ def dense_layer(layer: nn.Module, input: Tensor | list[Tensor]) -> Tensor:
         bottleneck = _bottleneck(layer, *inputs)
     new_features = layer.conv2(layer.relu2(layer.norm2(bottleneck)))
     if layer.drop_rate > 0:
-        new_features = F.dropout(new_features, p=layer.drop_rate, training=layer.training)
+        dropout = _CHANNEL_DROPOUT[new_features.dim() - 2] if getattr(layer, "channel_dropout", False) else F.dropout
+        new_features = dropout(new_features, p=layer.drop_rate, training=layer.training)
     return new_features
+
+
+# A layer's channel dropout per spatial rank: MONAI's Dropout2d/3d (and Dropout1d)
+_CHANNEL_DROPOUT = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
 
 
 def _bottleneck(layer: nn.Module, *inputs: Tensor) -> Tensor:
