@@ -54,7 +54,6 @@ def test_counter_sees_the_step(counts):
             assert tv[section][p]["triton_launches"] == tv[section][p]["layer_ops"] == 0
 
 
-@pytest.mark.xfail(strict=False, reason="hot path not landed yet")
 def test_per_layer_budget(counts):
     """Issue 17's budget: per dense layer, <= 8 host ops forward and <= 12 backward (recompute included), no
     per-layer custom-op dispatch, and no more host ops than torchvision's eager step, forward and backward."""
