@@ -87,122 +87,73 @@ class DenseNet(models.DenseNet):
         return models.DenseNet.from_monai_config(*args, **kwargs)
 
 
-def _load_pretrained(model: DenseNet, arch: str, spatial_dims: int, progress: bool) -> None:
-    """MONAI's ``pretrained=True``, after the network is built: its errors, or its ``_load_state_dict``."""
-    checkpoints.check_pretrained(arch, spatial_dims)
-    checkpoints.load_pretrained(model, arch, progress)
+class _NamedDenseNet(DenseNet):
+    """MONAI's named DenseNets: a ``block_config`` default and ``pretrained``/``progress`` (MONAI's semantics:
+    ``checkpoints.check_pretrained`` raises its errors, ``load_pretrained`` loads what fits)."""
+
+    arch: str
+
+    def _build(self, spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, pretrained,
+               progress, kwargs) -> None:  # fmt: skip
+        super().__init__(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, init_features=init_features,
+            growth_rate=growth_rate, block_config=block_config, **kwargs,
+        )  # fmt: skip
+        if pretrained:
+            checkpoints.check_pretrained(self.arch, spatial_dims)
+            checkpoints.load_pretrained(self, self.arch, progress)
 
 
-class DenseNet121(DenseNet):
+class DenseNet121(_NamedDenseNet):
     """MONAI's DenseNet121 with optional pretrained support when `spatial_dims` is 2."""
 
+    arch = "densenet121"
+
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        init_features: int = 64,
-        growth_rate: int = 32,
-        block_config: Sequence[int] = (6, 12, 24, 16),
-        pretrained: bool = False,
-        progress: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            init_features=init_features,
-            growth_rate=growth_rate,
-            block_config=block_config,
-            **kwargs,
-        )
-        if pretrained:
-            _load_pretrained(self, "densenet121", spatial_dims, progress)
+        self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64, growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16), pretrained: bool = False, progress: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
+        self._build(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, pretrained,
+                    progress, kwargs)  # fmt: skip
 
 
-class DenseNet169(DenseNet):
+class DenseNet169(_NamedDenseNet):
     """MONAI's DenseNet169 with optional pretrained support when `spatial_dims` is 2."""
 
+    arch = "densenet169"
+
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        init_features: int = 64,
-        growth_rate: int = 32,
-        block_config: Sequence[int] = (6, 12, 32, 32),
-        pretrained: bool = False,
-        progress: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            init_features=init_features,
-            growth_rate=growth_rate,
-            block_config=block_config,
-            **kwargs,
-        )
-        if pretrained:
-            _load_pretrained(self, "densenet169", spatial_dims, progress)
+        self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64, growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 32, 32), pretrained: bool = False, progress: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
+        self._build(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, pretrained,
+                    progress, kwargs)  # fmt: skip
 
 
-class DenseNet201(DenseNet):
+class DenseNet201(_NamedDenseNet):
     """MONAI's DenseNet201 with optional pretrained support when `spatial_dims` is 2."""
 
+    arch = "densenet201"
+
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        init_features: int = 64,
-        growth_rate: int = 32,
-        block_config: Sequence[int] = (6, 12, 48, 32),
-        pretrained: bool = False,
-        progress: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            init_features=init_features,
-            growth_rate=growth_rate,
-            block_config=block_config,
-            **kwargs,
-        )
-        if pretrained:
-            _load_pretrained(self, "densenet201", spatial_dims, progress)
+        self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64, growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 48, 32), pretrained: bool = False, progress: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
+        self._build(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, pretrained,
+                    progress, kwargs)  # fmt: skip
 
 
-class DenseNet264(DenseNet):
+class DenseNet264(_NamedDenseNet):
     """MONAI's DenseNet264 (no pretrained weights: ``pretrained=True`` raises MONAI's error)."""
 
+    arch = "densenet264"
+
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        init_features: int = 64,
-        growth_rate: int = 32,
-        block_config: Sequence[int] = (6, 12, 64, 48),
-        pretrained: bool = False,
-        progress: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            init_features=init_features,
-            growth_rate=growth_rate,
-            block_config=block_config,
-            **kwargs,
-        )
-        if pretrained:
-            _load_pretrained(self, "densenet264", spatial_dims, progress)
+        self, spatial_dims: int, in_channels: int, out_channels: int, init_features: int = 64, growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 64, 48), pretrained: bool = False, progress: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
+        self._build(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config, pretrained,
+                    progress, kwargs)  # fmt: skip
 
 
 Densenet = DenseNet
