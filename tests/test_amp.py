@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 from torchvision.models.densenet import _Transition as TorchvisionTransition
-from twins import errors_against_float64, randomize_affine, twins
+from helpers import errors_against_float64, randomize_affine, twins
 
 import densenet_fused
 

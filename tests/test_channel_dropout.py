@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from twins import assert_lockstep, randomize_affine, train_step
+from helpers import assert_lockstep, randomize_affine, train_step
 
 import densenet_fused
 from densenet_fused.backends import triton as triton_backend

@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
-from twins import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
+from helpers import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
 
 import densenet_fused
 

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torch.func import functional_call, grad, jacrev, replace_all_batch_norm_modules_, vmap
 from torchvision.models import densenet as tv
-from twins import assert_close_tensors, assert_lockstep, randomize_affine
+from helpers import assert_close_tensors, assert_lockstep, randomize_affine
 
 import densenet_fused
 from densenet_fused.block import unfused

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import densenet as tv
-from twins import assert_lockstep, randomize_affine
+from helpers import assert_lockstep, randomize_affine
 
 import densenet_fused
 

@@ -18,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 from torch.profiler import ProfilerActivity, profile
-from twins import randomize_affine
+from helpers import randomize_affine
 
 import densenet_fused
 

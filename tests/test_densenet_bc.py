@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import densenet as tv
-from twins import assert_lockstep, randomize_affine, train_step
+from helpers import assert_lockstep, randomize_affine, train_step
 
 import densenet_fused
 

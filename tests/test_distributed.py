@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 from torchvision.models.densenet import _Transition as TorchvisionTransition
-from twins import randomize_affine
+from helpers import randomize_affine
 
 import densenet_fused
 

@@ -8,7 +8,7 @@ and against torchvision's second derivatives.
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
-from twins import randomize_affine, twins
+from helpers import randomize_affine, twins
 
 import densenet_fused
 from densenet_fused import ops

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from twins import twins
+from helpers import twins
 
 import densenet_fused
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from twins import randomize_affine, twins
+from helpers import randomize_affine, twins
 
 TOLERANCE = dict(rtol=1e-8, atol=1e-8)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradgradcheck
-from twins import assert_lockstep, randomize_affine
+from helpers import assert_lockstep, randomize_affine
 
 from densenet_fused.ops._backend import config
 import densenet_fused

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from torchvision.models import densenet as tv
-from twins import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
+from helpers import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
 
 import densenet_fused
 
@@ -172,7 +172,7 @@ def test_eval_mode_backward_matches_torchvision():
     ours, theirs = twins(**TINY)
     ours.eval(), theirs.eval()
     x = torch.randn(2, 3, 35, 39, dtype=torch.float64)
-    from twins import train_step
+    from helpers import train_step
 
     out, gx, grads = train_step(ours, x, torch.tensor([0, 1]))
     out_t, gx_t, grads_t = train_step(theirs, x, torch.tensor([0, 1]))

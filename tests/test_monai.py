@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 from torch import nn
-from twins import assert_lockstep, randomize_affine, train_step
+from helpers import assert_lockstep, randomize_affine, train_step
 
 import densenet_fused
 from densenet_fused import monai as fused_monai

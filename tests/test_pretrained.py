@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 from hub_cache import WEIGHTS
-from twins import assert_lockstep
+from helpers import assert_lockstep
 
 import densenet_fused
 from densenet_fused import monai as fused_monai

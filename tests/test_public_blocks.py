@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 from torchvision.models.densenet import _Transition as TorchvisionTransition
-from twins import assert_lockstep
+from helpers import assert_lockstep
 
 import densenet_fused
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from twins import assert_lockstep, randomize_affine
+from helpers import assert_lockstep, randomize_affine
 
 import densenet_fused
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd.graph import saved_tensors_hooks
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
-from twins import assert_lockstep, randomize_affine, twins
+from helpers import assert_lockstep, randomize_affine, twins
 
 import densenet_fused
 from densenet_fused import stem_head

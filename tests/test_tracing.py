@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-from twins import randomize_affine
+from helpers import randomize_affine
 
 import densenet_fused
 

@@ -1,4 +1,4 @@
-"""Test helpers: a densenet_fused model and a torchvision twin with the same weights, stepped in lockstep.
+"""Test helpers shared by the test files: model twins stepped in lockstep, float32 accuracy rules, tiny configs.
 
 The twins and their errors against float64 live in ``benchmarks.twins``, which gpu_check.py reports from too.
 """
