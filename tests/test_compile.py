@@ -10,11 +10,16 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
-from helpers import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
+from helpers import (
+    TINY_2X2,
+    assert_compiled_lockstep,
+    assert_float32_as_accurate_as_torchvision,
+    assert_lockstep,
+    randomize_affine,
+    twins,
+)
 
 import densenet_fused
-
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +40,7 @@ def _recording_aot_eager(graphs: list):
 
 
 def test_compiled_model_trains_like_torchvision():
-    ours, theirs = twins(**TINY)
+    ours, theirs = twins(**TINY_2X2)
     graphs = []
     compiled = torch.compile(ours, backend=_recording_aot_eager(graphs), fullgraph=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -53,7 +58,7 @@ def test_compiled_model_trains_like_torchvision():
 
 def test_compiled_dropout_matches_torchvision():
     """Dropout inside the block traces too, and its backward reuses the forward's mask."""
-    ours, theirs = twins(**{**TINY, "drop_rate": 0.4})
+    ours, theirs = twins(**{**TINY_2X2, "drop_rate": 0.4})
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for step in range(2):
@@ -86,7 +91,7 @@ def test_cumulative_average_running_stats_do_not_break_the_graph():
 
 
 def test_compiled_model_under_autocast_and_channels_last_matches_eager():
-    ours, _ = twins(dtype=torch.float32, **TINY)
+    ours, _ = twins(dtype=torch.float32, **TINY_2X2)
     eager = copy.deepcopy(ours)
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -123,20 +128,16 @@ def test_compiled_training_over_several_batch_sizes_matches_torchvision():
     step matches eager torchvision, and dynamo compiles no more graphs for ours than for torchvision."""
     from torch._dynamo.utils import counters
 
-    shapes = [(2, 32), (3, 32), (4, 32), (5, 40), (6, 48), (1, 48), (2, 48), (3, 56)]
+    shapes = [(b, s, s + 1) for b, s in [(2, 32), (3, 32), (4, 32), (5, 40), (6, 48), (1, 48), (2, 48), (3, 56)]]
     graphs = {}
     for name in ("ours", "torchvision"):
         torch._dynamo.reset()
         counters.clear()
-        ours, theirs = twins(**TINY)
+        ours, theirs = twins(**TINY_2X2)
         randomize_affine(ours)
         theirs.load_state_dict(ours.state_dict())
         model = ours if name == "ours" else copy.deepcopy(theirs)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-        for batch, size in shapes:
-            x = torch.randn(batch, 3, size, size + 1, dtype=torch.float64)
-            target = torch.randint(TINY["num_classes"], (batch,))
-            assert_lockstep(compiled, theirs, x, target, steps=1, rtol=1e-9, atol=1e-9)  # ends in eval()
-            model.train(), theirs.train()
+        assert_compiled_lockstep(compiled, model, theirs, shapes, TINY_2X2["num_classes"])
         graphs[name] = counters["stats"]["unique_graphs"]
     assert graphs["ours"] <= graphs["torchvision"], graphs

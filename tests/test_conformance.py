@@ -19,12 +19,12 @@ import torchvision
 from torch import nn
 from torch.func import functional_call, grad, jacrev, replace_all_batch_norm_modules_, vmap
 from torchvision.models import densenet as tv
-from helpers import assert_close_tensors, assert_lockstep, randomize_affine
+from helpers import TINY_2X2, assert_close_tensors, assert_lockstep, randomize_affine
 
 import densenet_fused
 from densenet_fused.block import unfused
 
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+TINY = dict(TINY_2X2, num_classes=3)
 TOL = dict(rtol=1e-10, atol=1e-12)
 UNFUSED = "runs as its modules"
 

@@ -8,11 +8,9 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import densenet as tv
-from helpers import assert_lockstep, randomize_affine
+from helpers import TINY, assert_lockstep, randomize_affine
 
 import densenet_fused
-
-TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
 
 
 def _trained(model):

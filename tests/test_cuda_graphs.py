@@ -18,12 +18,12 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 from torch.profiler import ProfilerActivity, profile
-from helpers import randomize_affine
+from helpers import TINY_2X2, randomize_affine
 
 import densenet_fused
 
 CUDA = torch.cuda.is_available()
-TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5, drop_rate=0.2)
+TINY = dict(TINY_2X2, drop_rate=0.2)
 # Ops that wait for the device: reading a value on the host, or producing a shape that depends on the data.
 SYNCHRONIZING = {
     "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",

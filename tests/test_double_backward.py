@@ -8,13 +8,13 @@ and against torchvision's second derivatives.
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
-from helpers import randomize_affine, twins
+from helpers import TINY_2X2, randomize_affine, twins
 
 import densenet_fused
 from densenet_fused import ops
 from densenet_fused.ops.channel_stats import channel_stats_reference
 
-TINY = dict(growth_rate=3, block_config=(2, 2), num_init_features=4, bn_size=2, num_classes=3)
+TINY = dict(TINY_2X2, growth_rate=3, num_init_features=4, num_classes=3)
 
 
 def _penalized_grads(model, x):

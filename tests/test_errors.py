@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from helpers import twins
+from helpers import TINY, twins
 
 import densenet_fused
-
-TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
 
 
 def _running_stats(model):

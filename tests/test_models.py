@@ -8,12 +8,11 @@ import pytest
 import torch
 import torchvision
 from torchvision.models import densenet as tv
-from helpers import assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
+from helpers import TINY, assert_float32_as_accurate_as_torchvision, assert_lockstep, randomize_affine, twins
 
 import densenet_fused
 
 BUILDERS = ["densenet121", "densenet161", "densenet169", "densenet201"]
-TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -46,10 +45,10 @@ def test_constructor_arguments_match_torchvision():
     theirs = inspect.signature(torchvision.models.DenseNet).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     extra = list(ours)[len(theirs) :]  # our additions are keyword-only, with defaults
-    assert extra == ["spatial_dims", "in_channels", "norm", "small_inputs"]
+    assert extra == ["spatial_dims", "in_channels", "norm", "small_inputs", "channel_dropout"]
     assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extra)
     defaults = [ours[name].default for name in extra]
-    assert defaults == [2, 3, "batch", False]
+    assert defaults == [2, 3, "batch", False, False]
     assert ours["memory_efficient"].default is True
 
 

@@ -10,14 +10,13 @@ import io
 import pytest
 import torch
 from torch import nn
-from helpers import assert_lockstep, randomize_affine, train_step
+from helpers import MONAI_TINY, assert_lockstep, randomize_affine, train_step
 
 import densenet_fused
 from densenet_fused import monai as fused_monai
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-MONAI_TINY = dict(init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2)
 SHAPES = {1: (2, 2, 67), 2: (2, 2, 35, 39), 3: (2, 2, 19, 21, 18)}
 
 

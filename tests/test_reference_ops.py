@@ -1,4 +1,7 @@
-"""The pure-PyTorch reference primitives (the oracle) against plain torch ops and autograd, in float64."""
+"""The pure-PyTorch reference primitives (the oracle) against plain torch ops and autograd, in float64.
+
+Their opcheck runs in the kernel matrix (tests/test_kernels.py, backend "reference").
+"""
 
 import os
 import subprocess
@@ -9,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import _Transition as TorchvisionTransition
 
-from densenet_fused.ops._backend import config
 from densenet_fused import ops
 from densenet_fused.ops.bn_relu import bn_relu_backward_reference, bn_relu_reference
 from densenet_fused.ops.bn_relu_conv1x1 import bn_relu_conv1x1_backward_reference, bn_relu_conv1x1_reference
@@ -119,23 +121,6 @@ def test_transition_against_torchvision(size, training):
     grads = bn_relu_pool_conv1x1_backward_reference(grad, x, mean, invstd, gamma, beta, weight, training)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e.reshape(g.shape), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("shape,channels_last", [((2, 5, 4, 3), False), ((2, 5, 4, 3), True), ((2, 5, 4, 2, 3), True)])
-def test_opcheck_public_ops_on_reference(monkeypatch, shape, channels_last):
-    """opcheck also compares the fakes' strides with the real outputs', layout included."""
-    monkeypatch.setattr(config, "backend", "reference")
-    x, gamma, beta = _inputs(shape, channels_last)
-    mean, _, invstd = _stats(x, True)
-    weight = torch.randn(4, 5, dtype=torch.float64)
-    leaf = x.clone().requires_grad_()
-    torch.library.opcheck(ops.channel_stats, (leaf,))
-    torch.library.opcheck(ops.bn_relu, (leaf, mean, invstd, gamma, beta, True))
-    torch.library.opcheck(ops.bn_relu_conv1x1, (leaf, mean, invstd, gamma, beta, weight, True))
-    torch.library.opcheck(ops.bn_relu_pool_conv1x1, (leaf, mean, invstd, gamma, beta, weight, True))
-    grad_y = torch.randn(2, 4, *shape[2:], dtype=torch.float64)
-    grad_buffer = torch.zeros(2, 7, *shape[2:], dtype=torch.float64)
-    torch.library.opcheck(ops.bn_relu_conv1x1_backward, (grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, True))
 
 
 def test_missing_extension_warns_once_and_falls_back_to_reference():

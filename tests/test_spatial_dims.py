@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from helpers import assert_lockstep, randomize_affine
+from helpers import TINY, assert_lockstep, randomize_affine
 
 import densenet_fused
 
-TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
 SHAPES = {1: (2, 2, 67), 2: (2, 2, 35, 39), 3: (2, 2, 19, 21, 18)}
 
 
@@ -104,8 +103,8 @@ def test_monai_configuration():
     assert all(m.eps == 1e-3 for m in eps.modules() if isinstance(m, nn.BatchNorm3d))
     instance = densenet_fused.DenseNet.from_monai_config(**config, norm="instance")
     assert {type(m) for m in instance.modules() if "norm" in type(m).__name__.lower()} == {nn.InstanceNorm3d}
-    with pytest.raises(ValueError, match=r"drops whole channels \(Dropout3d\)"):  # fused blocks drop values
-        densenet_fused.DenseNet.from_monai_config(**config, dropout_prob=0.1)
+    dropped = densenet_fused.DenseNet.from_monai_config(**config, dropout_prob=0.1)  # MONAI's Dropout3d
+    assert dropped.features.denseblock1.denselayer1.channel_dropout and not one_d.features.denseblock1.denselayer1.channel_dropout
 
 
 def test_spatial_dims_errors():

@@ -12,13 +12,12 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd.graph import saved_tensors_hooks
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
-from helpers import assert_lockstep, randomize_affine, twins
+from helpers import TINY, assert_lockstep, randomize_affine, twins
 
 import densenet_fused
 from densenet_fused import stem_head
 from densenet_fused.ops.channel_stats import channel_stats_reference
 
-TINY = dict(growth_rate=6, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
 SHAPE = (2, 3, 35, 39)
 
 

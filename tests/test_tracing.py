@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-from helpers import randomize_affine
+from helpers import TINY, randomize_affine
 
 import densenet_fused
 
-TINY = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+TINY = dict(TINY, growth_rate=4)
 TORCHSCRIPT_ERROR = r"not support TorchScript.*torch\.compile.*torch\.export"
 LEAVES = ["features.denseblock1", "features.transition1", "features.denseblock2"]
 

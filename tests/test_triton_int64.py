@@ -34,13 +34,12 @@ stats_mod = importlib.import_module("densenet_fused.ops.channel_stats")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-pytestmark = [
-    pytest.mark.skipif(
-        not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
-        reason="needs triton, and a CUDA GPU or TRITON_INTERPRET=1 (set by conftest.py before triton is imported)",
-    ),
-    pytest.mark.usefixtures("no_fallback"),
-]
+pytestmark = pytest.mark.skipif(
+    not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
+    reason="needs triton, and a CUDA GPU or TRITON_INTERPRET=1 (set by conftest.py before triton is imported)",
+)
+# A kernel test: guarded by conftest.py (no reference fallback, a Triton kernel must run, fresh memory NaN).
+TRITON = pytest.mark.parametrize("backend", ["triton"])
 
 REF = {op.name: op.reference for primitive in PRIMITIVES.values() for op in primitive.ops.values()}
 S = 2**31 - 256
@@ -126,7 +125,8 @@ def arena(request, storage):
     return Arena(*storage, **GEOMETRIES[request.param])
 
 
-def test_channel_stats(arena):
+@TRITON
+def test_channel_stats(backend, arena):
     x = arena.view(C, seed=0)
     before = arena.snapshot()
     got = stats_mod.channel_stats_triton(x)
@@ -135,7 +135,8 @@ def test_channel_stats(arena):
         close(g, w, name)
 
 
-def test_bn_relu_forward(arena):
+@TRITON
+def test_bn_relu_forward(backend, arena):
     x = arena.view(C, seed=0)
     params = bn_params()
     before = arena.snapshot()
@@ -144,8 +145,9 @@ def test_bn_relu_forward(arena):
     close(got, REF["bn_relu"](x.contiguous(), *params), "out")
 
 
+@TRITON
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bn_relu_backward(arena, training):
+def test_bn_relu_backward(backend, arena, training):
     x, grad_z = arena.view(C, seed=0), arena.view(C, seed=1)
     params = bn_params()
     before = arena.snapshot()
@@ -157,7 +159,8 @@ def test_bn_relu_backward(arena, training):
 
 
 @pytest.mark.parametrize("name", ["bn_relu_conv1x1", "bn_relu_pool_conv1x1"])
-def test_conv1x1_forwards(arena, name):
+@TRITON
+def test_conv1x1_forwards(backend, arena, name):
     launcher = {"bn_relu_conv1x1": conv_mod.bn_relu_conv1x1_triton, "bn_relu_pool_conv1x1": pool_mod.bn_relu_pool_conv1x1_triton}
     x = arena.view(C, seed=0)
     params, weight = bn_params(), random((B, C), seed=3)
@@ -167,8 +170,9 @@ def test_conv1x1_forwards(arena, name):
     close(got, REF[name](x.contiguous(), *params, weight), "out")
 
 
+@TRITON
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bn_relu_conv1x1_backward_accumulates_in_place(arena, training):
+def test_bn_relu_conv1x1_backward_accumulates_in_place(backend, arena, training):
     x, grad_y, grad_buffer = arena.view(C, seed=0), arena.view(B, seed=1), arena.view(C + 1, seed=2)
     params, weight = bn_params(), random((B, C), seed=3)
     expected = grad_buffer.contiguous().clone()
@@ -183,8 +187,9 @@ def test_bn_relu_conv1x1_backward_accumulates_in_place(arena, training):
     close(accumulated, expected, "grad_buffer")
 
 
+@TRITON
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bn_relu_pool_conv1x1_backward(arena, training):
+def test_bn_relu_pool_conv1x1_backward(backend, arena, training):
     x = arena.view(C, seed=0)
     params, weight = bn_params(), random((B, C), seed=3)
     grad_y = random((N, B, *(size // 2 for size in x.shape[2:])), seed=4)
@@ -196,8 +201,8 @@ def test_bn_relu_pool_conv1x1_backward(arena, training):
         close(g, w, name)
 
 
-def test_more_pixels_than_int32_tiles_run_the_reference():
-    """Pixel indices, tile ends and chunk ends are int32 in the kernels: more than MAX_PIXELS pixels run
-    the reference (a stride-0 tensor of that size, never allocated)."""
+def test_runs_triton_refuses_more_pixels_than_int32_tiles():
+    """Pixel indices, tile ends and chunk ends are int32 in the kernels: ``runs_triton`` refuses more than
+    MAX_PIXELS pixels, so the launchers run the reference (a stride-0 tensor of that size, never allocated)."""
     x = torch.empty(1, 1, 1, dtype=torch.float16).expand(1, 2, tr.MAX_PIXELS + 1)
     assert tr.runs_triton(x[..., :-1]) and not tr.runs_triton(x)

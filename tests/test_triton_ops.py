@@ -1,67 +1,37 @@
-"""The Triton kernels of every fused primitive against the pure-PyTorch references, and a tiny block and
-model run through the Triton path against torchvision.
+"""What the Triton path adds beyond the kernel matrix (tests/test_kernels.py): dispatch through the public ops,
+strides, empty batches, the TF32 rule, the autotune spaces, a package without triton, and a tiny block and
+model on the Triton path against torchvision.
 
 On a CUDA machine everything runs on the GPU; without one, on CPU tensors through Triton's interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported).  bfloat16 only runs on a GPU
-(the interpreter's bf16 arithmetic is broken).  Shapes are small and odd on purpose: channel counts
-that are not multiples of the blocks, a spatial size of 1, odd sizes the transition's pooling cuts,
-inputs that are channel prefixes of a larger NCHW or channels-last buffer, and enough pixels to split
-the reductions across several programs.
-
-Tolerances: float32 dots are IEEE (TF32 off), so fp32 differs from the reference only by summation
-order and by folding BN into x * scale + shift: 2e-5 relative to the largest value.  float16 rounds
-the output (and, in the weight-gradient GEMM, the recomputed activation) to fp16, eps 2^-11 ~ 4.9e-4,
-where the reference keeps fp32 activations in backward: 4e-3 relative to the largest value, i.e. a
-few fp16 ulps.  bfloat16 (eps 2^-8 ~ 3.9e-3): 3e-2.  float64 accumulates in float64: 1e-10.
-
-Every kernel test runs with ``no_fallback`` (conftest.py), so a launcher that quietly ran the reference would fail.
+(tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported).  Tests parametrized over ``backend``
+are guarded by conftest.py: a launcher that quietly ran the reference fails them, and ``kernel_spy`` says
+which kernels ran.
 """
 
 import importlib
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 import torchvision
+from helpers import CUDA, DEVICE, kernel_problem, random_in_layout, random_weight
 
-from densenet_fused.ops._backend import config
 import densenet_fused
 from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
-from densenet_fused.ops.layout import acc_dtype
 
-bn_relu_mod = importlib.import_module("densenet_fused.ops.bn_relu")
-conv_mod = importlib.import_module("densenet_fused.ops.bn_relu_conv1x1")
 conv_kernels = importlib.import_module("densenet_fused.ops._conv1x1_triton")
-pool_mod = importlib.import_module("densenet_fused.ops.bn_relu_pool_conv1x1")
-stats_mod = importlib.import_module("densenet_fused.ops.channel_stats")
 
-OPS = [op for primitive in PRIMITIVES.values() for op in primitive.ops.values()]
-# The references by op name, kept before any test patches them (see ``no_fallback``).
-REF = {op.name: op.reference for op in OPS}
-
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+OPS = {op.name: op for primitive in PRIMITIVES.values() for op in primitive.ops.values()}
+LAYOUTS = ["nchw", "channels_last"]
 
 pytestmark = pytest.mark.skipif(
     not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
     reason="needs triton, and a CUDA GPU or TRITON_INTERPRET=1 (set by conftest.py before triton is imported)",
 )
-
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.float64, id="fp64"),
-    pytest.param(
-        torch.bfloat16,
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="bf16 is broken in Triton's interpreter")],
-        id="bf16",
-    ),
-]
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-LAYOUTS = ["nchw", "channels_last"]
 
 
 @pytest.fixture(autouse=True)
@@ -73,257 +43,71 @@ def ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """Equal up to ``TOLERANCE[dtype]`` relative to the largest magnitude of ``expected``."""
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == expected.dtype, what
-    tol = TOLERANCE[dtype]
+def assert_close(actual, expected, tol=2e-5, what=""):
+    """float32 within ``tol`` relative to the largest magnitude of ``expected`` (tests/test_kernels.py's rule)."""
     scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def feature_buffer(shape, channels, layout, dtype, seed=0, offset=0.0):
-    """(buffer, x): a random [N, C_total, *spatial] buffer and its channel prefix x = buffer[:, :channels]."""
-    generator = torch.Generator().manual_seed(seed)
-    buf = (torch.randn(shape, generator=generator) + offset).to(dtype)
-    if layout == "channels_last":
-        buf = buf.to(memory_format=torch.channels_last if buf.dim() == 4 else torch.channels_last_3d)
-    buf = buf.to(DEVICE)
-    return buf, buf[:, :channels]
-
-
-def bn_params(channels, seed=1, positive_beta=False, dtype=torch.float32):
-    """(mean, invstd, gamma, beta) in the accumulation dtype of ``dtype``, with negative gammas."""
-    generator = torch.Generator().manual_seed(seed)
-    mean = 0.2 * torch.randn(channels, generator=generator)
-    invstd = 0.5 + torch.rand(channels, generator=generator)
-    gamma = torch.randn(channels, generator=generator)
-    beta = torch.rand(channels, generator=generator) + 0.25 if positive_beta else torch.randn(channels, generator=generator)
-    return [t.to(DEVICE, acc_dtype(dtype)) for t in (mean, invstd, gamma, beta)]
-
-
-def random_like(t, seed=2):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(t.shape, generator=generator).to(dtype=t.dtype, device=t.device)
-
-
-def expect_layout(t, layout):
-    if layout == "channels_last" and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
-        assert t.is_contiguous(memory_format=torch.channels_last)
-
-
-# ------------------------------------------------------------------------------------- channel_stats
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(
-    "shape,channels",
-    [((2, 45, 9, 11), 37), ((3, 5, 1, 1), 5), ((2, 70, 3, 4), 70)],
-    ids=["prefix-odd-split", "spatial1", "c70"],
-)
-def test_channel_stats(dtype, layout, shape, channels):
-    _, x = feature_buffer(shape, channels, layout, dtype, offset=3.0)  # an offset tests the shifted merge
-    mean, var = stats_mod.channel_stats_triton(x)
-    ref_mean, ref_var = REF["channel_stats"](x)
-    assert mean.dtype == var.dtype == acc_dtype(dtype)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(mean, ref_mean, rtol=tol, atol=tol)
-    torch.testing.assert_close(var, ref_var, rtol=tol, atol=tol / 10)
-
-
-@pytest.mark.usefixtures("no_fallback")
-def test_channel_stats_new_channels_slice():
-    """The block computes stats of each layer's newly written channels buf[:, c:c+k] only."""
-    buf, _ = feature_buffer((2, 20, 5, 6), 20, "channels_last", torch.float32)
-    new = buf[:, 13:17]
-    for got, want in zip(stats_mod.channel_stats_triton(new), REF["channel_stats"](new)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------------- bn_relu
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,channels", [((2, 45, 9, 11), 37), ((3, 5, 1, 1), 5)], ids=["prefix-odd", "spatial1"])
-def test_bn_relu(dtype, layout, shape, channels):
-    _, x = feature_buffer(shape, channels, layout, dtype)
-    mean, invstd, gamma, beta = bn_params(channels, dtype=dtype)
-    out = bn_relu_mod.bn_relu_triton(x, mean, invstd, gamma, beta)
-    assert_close(out, REF["bn_relu"](x, mean, invstd, gamma, beta), dtype, "bn_relu")
-    expect_layout(out, layout)
-    grad_z = random_like(out)
-    for training in (True, False):
-        got = bn_relu_mod.bn_relu_backward_triton(grad_z, x, mean, invstd, gamma, beta, training)
-        want = REF["bn_relu_backward"](grad_z, x, mean, invstd, gamma, beta, training)
-        for name, g, w in zip(("grad_x", "grad_gamma", "grad_beta"), got, want):
-            assert_close(g, w, dtype, f"{name} training={training}")
-        expect_layout(got[0], layout)
-
-
-# ----------------------------------------------------------------------------------- bn_relu_conv1x1
-
-CONV_SHAPES = [((2, 45, 9, 11), 37, 20), ((3, 7, 1, 1), 5, 3), ((2, 40, 5, 7), 40, 8)]
-CONV_IDS = ["prefix-odd-split", "spatial1", "c40"]
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,channels,out_channels", CONV_SHAPES, ids=CONV_IDS)
-def test_bn_relu_conv1x1_forward(dtype, layout, shape, channels, out_channels):
-    _, x = feature_buffer(shape, channels, layout, dtype)
-    # Positive betas: a K tail that were not re-masked after the ReLU would add relu(shift) != 0.
-    mean, invstd, gamma, beta = bn_params(channels, positive_beta=True, dtype=dtype)
-    weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
-    out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), dtype, "forward")
-    expect_layout(out, layout)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape,channels,out_channels", CONV_SHAPES, ids=CONV_IDS)
-def test_bn_relu_conv1x1_backward_accumulates_in_place(dtype, layout, training, shape, channels, out_channels):
-    buf, x = feature_buffer(shape, channels, layout, dtype)
-    mean, invstd, gamma, beta = bn_params(channels, dtype=dtype)
-    weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
-    grad_y = random_like(REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), seed=4)
-    grad_buffer = random_like(buf, seed=5)  # earlier layers' contributions, already there
-    expected_buffer = grad_buffer.clone()
-    untouched = grad_buffer[:, channels:].clone()
-    data_ptr = grad_buffer.data_ptr()
-
-    got = conv_mod.bn_relu_conv1x1_backward_triton(
-        grad_y, x, mean, invstd, gamma, beta, weight, grad_buffer, training
-    )
-    want = REF["bn_relu_conv1x1_backward"](
-        grad_y, x, mean, invstd, gamma, beta, weight, expected_buffer, training
-    )
-    for name, g, w in zip(("grad_weight", "grad_gamma", "grad_beta"), got, want):
-        assert_close(g, w, dtype, name)
-    assert grad_buffer.data_ptr() == data_ptr
-    assert_close(grad_buffer[:, :channels], expected_buffer[:, :channels], dtype, "grad_buffer[:, :C]")
-    assert torch.equal(grad_buffer[:, channels:], untouched), "grad_buffer[:, C:] must be left alone"
-
-
-@pytest.mark.usefixtures("no_fallback")
-def test_bn_relu_conv1x1_transposed_spatial_strides():
+@pytest.mark.parametrize("backend", ["triton"])
+def test_transposed_spatial_strides(backend):
     """Any strides work: a spatially transposed view is addressed through its own strides."""
-    buf, _ = feature_buffer((2, 12, 6, 5), 12, "nchw", torch.float32)
-    x = buf.transpose(2, 3)[:, :9]
-    mean, invstd, gamma, beta = bn_params(9)
-    weight = random_like(torch.empty(6, 9, device=DEVICE), seed=3)
-    out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight), torch.float32)
+    p = kernel_problem(2, 9, (6, 5), "contiguous", torch.float32)
+    x = p.x.transpose(2, 3)
+    weight = random_weight(6, 9, torch.float32, seed=3)
+    for name in ("bn_relu", "bn_relu_conv1x1", "bn_relu_pool_conv1x1"):
+        args = (x, *p.norm) if name == "bn_relu" else (x, *p.norm, weight)
+        assert_close(OPS[name].runner(backend)(*args), OPS[name].reference(*args), what=name)
 
 
-# ------------------------------------------------------------------------------ bn_relu_pool_conv1x1
-
-POOL_SHAPES = [((2, 45, 9, 11), 37, 20), ((3, 6, 2, 3), 5, 3), ((2, 24, 6, 4), 24, 12)]
-POOL_IDS = ["prefix-odd-odd", "to-1x1", "even"]
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape,channels,out_channels", POOL_SHAPES, ids=POOL_IDS)
-def test_bn_relu_pool_conv1x1(dtype, layout, shape, channels, out_channels):
-    _, x = feature_buffer(shape, channels, layout, dtype)
-    mean, invstd, gamma, beta = bn_params(channels, positive_beta=True, dtype=dtype)
-    weight = random_like(torch.empty(out_channels, channels, dtype=dtype, device=DEVICE), seed=3)
-    out = pool_mod.bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    want = REF["bn_relu_pool_conv1x1"](x, mean, invstd, gamma, beta, weight)
-    assert_close(out, want, dtype, "forward")
-    expect_layout(out, layout)
-    grad_y = random_like(out, seed=4)
-    for training in (True, False):
-        got = pool_mod.bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, training)
-        want = REF["bn_relu_pool_conv1x1_backward"](grad_y, x, mean, invstd, gamma, beta, weight, training)
-        for name, g, w in zip(("grad_x", "grad_weight", "grad_gamma", "grad_beta"), got, want):
-            assert_close(g, w, dtype, f"{name} training={training}")
-        expect_layout(got[0], layout)
-
-
-@pytest.mark.usefixtures("no_fallback")
-@pytest.mark.parametrize("shape", [(2, 6, 7), (2, 5, 5, 4, 3)], ids=["1d", "3d"])
-def test_bn_relu_pool_conv1x1_other_ranks(shape):
-    """The window is 2 (1-D) or 2x2x2 (3-D); the floor's cut-off pixels still get their grad_x."""
-    _, x = feature_buffer(shape, 5, "nchw", torch.float32)
-    mean, invstd, gamma, beta = bn_params(5)
-    weight = random_like(torch.empty(4, 5, device=DEVICE), seed=3)
-    out = pool_mod.bn_relu_pool_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-    assert_close(out, REF["bn_relu_pool_conv1x1"](x, mean, invstd, gamma, beta, weight), torch.float32)
-    grad_y = random_like(out)
-    got = pool_mod.bn_relu_pool_conv1x1_backward_triton(grad_y, x, mean, invstd, gamma, beta, weight, True)
-    want = REF["bn_relu_pool_conv1x1_backward"](grad_y, x, mean, invstd, gamma, beta, weight, True)
-    for g, w in zip(got, want):
-        assert_close(g, w, torch.float32)
-
-
-# ----------------------------------------------------------------------------- dispatch and fallbacks
-
-
-@pytest.fixture
-def triton_calls(monkeypatch, no_fallback):
-    """Force the Triton backend and record which Triton launchers run."""
-    monkeypatch.setattr(config, "backend", "triton")
-    calls = []
-    for op in OPS:
-        launcher = op.kernels["triton"]
-
-        def spy(*args, _launcher=launcher, **kwargs):
-            calls.append(_launcher.__name__)
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setitem(op.kernels, "triton", spy)
-    real_launch = tr.launch
-
-    def launch_spy(kernel, *args, **kwargs):
-        function = kernel
-        while hasattr(function, "fn"):
-            function = function.fn
-        calls.append(function.__name__)
-        return real_launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(tr, "launch", launch_spy)
-    return calls
-
-
-def test_custom_ops_dispatch_to_triton_and_autograd(triton_calls):
+@pytest.mark.parametrize("backend", ["triton"])
+def test_custom_ops_dispatch_to_triton_and_autograd(backend, kernel_spy):
     """The public custom ops, with autograd, run the Triton launchers when the backend says so."""
-    buf, x = feature_buffer((2, 10, 5, 6), 7, "nchw", torch.float32)
-    x = x.detach().requires_grad_()
-    mean, invstd, gamma, beta = bn_params(7)
-    gamma.requires_grad_(), beta.requires_grad_()
-    weight = random_like(torch.empty(4, 7, device=DEVICE), seed=3).requires_grad_()
-    out = densenet_fused.ops.bn_relu_conv1x1(x, mean, invstd, gamma, beta, weight, False)
-    grads = torch.autograd.grad(out, (x, gamma, beta, weight), random_like(out))
-    launchers = [name for name in triton_calls if name.endswith("_triton")]
-    assert launchers == ["bn_relu_conv1x1_triton", "bn_relu_conv1x1_backward_triton"]
-    reference = REF["bn_relu_conv1x1"]
-    expected = torch.func.vjp(lambda *a: reference(a[0], mean, invstd, a[1], a[2], a[3]), x, gamma, beta, weight)
-    assert_close(out, expected[0], torch.float32)
-    for g, w in zip(grads, expected[1](random_like(out))):
-        assert_close(g, w, torch.float32)
+    p = kernel_problem(2, 7, (5, 6), "contiguous", torch.float32)
+    x = p.x.detach().requires_grad_()
+    gamma, beta = p.gamma.requires_grad_(), p.beta.requires_grad_()
+    weight = random_weight(4, 7, torch.float32, seed=3).requires_grad_()
+    out = densenet_fused.ops.bn_relu_conv1x1(x, p.mean, p.invstd, gamma, beta, weight, False)
+    grad = random_in_layout(out, 4, seed=1)
+    grads = torch.autograd.grad(out, (x, gamma, beta, weight), grad)
+    assert kernel_spy.ops["triton"] == ["bn_relu_conv1x1", "bn_relu_conv1x1_backward"]
+    reference = OPS["bn_relu_conv1x1"].reference
+    expected = torch.func.vjp(lambda *a: reference(a[0], p.mean, p.invstd, a[1], a[2], a[3]), x, gamma, beta, weight)
+    assert_close(out, expected[0], what="output")
+    for name, g, w in zip(("x", "gamma", "beta", "weight"), grads, expected[1](grad)):
+        assert_close(g, w, what=f"grad {name}")
 
 
-def test_empty_inputs_run_the_reference():
-    empty = torch.randn(0, 3, 4, 5, device=DEVICE)
-    with pytest.warns(UserWarning):  # torch's own warning for a variance over zero values
-        mean, var = stats_mod.channel_stats_triton(empty)
-    assert mean.shape == var.shape == (3,)
-    out = conv_mod.bn_relu_conv1x1_triton(empty, *bn_params(3), torch.randn(2, 3, device=DEVICE))
-    assert out.shape == (0, 2, 4, 5)
+def test_empty_batches_give_the_references_outputs_for_every_op():
+    """A batch of zero launches nothing: every op's Triton entry returns the reference's outputs (shapes, dtypes
+    and values; statistics of nothing are NaN, as torch's)."""
+    x = torch.randn(0, 3, 4, 6, device=DEVICE)
+    norm = [torch.rand(3, device=DEVICE) + 0.5 for _ in range(4)]
+    weight = torch.randn(2, 3, device=DEVICE)
+    args = {
+        "channel_stats": (x,),
+        "bn_relu": (x, *norm),
+        "bn_relu_backward": (torch.randn(0, 3, 4, 6, device=DEVICE), x, *norm, True),
+        "bn_relu_conv1x1": (x, *norm, weight),
+        "bn_relu_conv1x1_backward": (torch.randn(0, 2, 4, 6, device=DEVICE), x, *norm, weight,
+                                     torch.zeros(0, 5, 4, 6, device=DEVICE), True),  # fmt: skip
+        "bn_relu_pool_conv1x1": (x, *norm, weight),
+        "bn_relu_pool_conv1x1_backward": (torch.randn(0, 2, 2, 3, device=DEVICE), x, *norm, weight, True),
+    }
+    assert set(args) == set(OPS)
+    for name, op in OPS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own warning for a variance over zero values
+            got, want = op.kernels["triton"](*args[name]), op.reference(*args[name])
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.usefixtures("no_fallback")
-def test_tf32_follows_torch_convolution_precision():
+@pytest.mark.parametrize("backend", ["triton"])
+def test_tf32_follows_torch_convolution_precision(backend):
     """float32 1x1 convs use TF32 exactly where torch's cuDNN convolutions would (conv.fp32_precision, deferring
     to cudnn's and torch's own when "none"; the legacy allow_tf32 maps onto them); other dtypes never."""
     levels = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
@@ -342,11 +126,10 @@ def test_tf32_follows_torch_convolution_precision():
         assert tr.input_precision(torch.float32) == "ieee"
         levels[1].fp32_precision = "tf32"
         assert tr.input_precision(torch.float32) == "tf32"
-        _, x = feature_buffer((2, 40, 5, 7), 37, "nchw", torch.float32)
-        mean, invstd, gamma, beta = bn_params(37)
-        weight = random_like(torch.empty(8, 37, device=DEVICE), seed=3)
-        out = conv_mod.bn_relu_conv1x1_triton(x, mean, invstd, gamma, beta, weight)
-        want = REF["bn_relu_conv1x1"](x, mean, invstd, gamma, beta, weight)
+        p = kernel_problem(2, 37, (5, 7), "contiguous", torch.float32)
+        weight = random_weight(8, 37, torch.float32, seed=3)
+        op = OPS["bn_relu_conv1x1"]
+        out, want = op.runner(backend)(p.x, *p.norm, weight), op.reference(p.x, *p.norm, weight)
         torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # TF32 keeps a 10-bit mantissa
     finally:
         for level, value in zip(reversed(levels), reversed(saved)):
@@ -421,7 +204,8 @@ def _compare(ours, theirs, tol, what):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dense_block_matches_torchvision(triton_calls, layout):
+@pytest.mark.parametrize("backend", ["triton"])
+def test_dense_block_matches_torchvision(backend, layout, kernel_spy):
     from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 
     torch.manual_seed(0)
@@ -444,13 +228,15 @@ def test_dense_block_matches_torchvision(triton_calls, layout):
         _compare(p.grad, q.grad, 1e-4, name)
     for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
         _compare(b.float(), c.float(), 1e-5, name)
-    assert set(triton_calls) == {  # the block launches its kernels itself, never through the primitive ops
+    assert not kernel_spy.ops["triton"]  # the block launches its kernels itself, never through the primitive ops
+    assert set(kernel_spy.launched) == {
         "_stats_pass_kernel", "finalize_stats_kernel", "_conv1x1_forward_kernel", "_bn_relu_kernel",
         "_bn_relu_backward_kernel", "_conv1x1_weight_grad_kernel", "_conv1x1_input_grad_kernel",
     }  # fmt: skip
 
 
-def test_densenet_matches_torchvision(triton_calls):
+@pytest.mark.parametrize("backend", ["triton"])
+def test_densenet_matches_torchvision(backend, kernel_spy):
     """Forward, input and parameter grads, running stats after a training step, then eval forward."""
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
     torch.manual_seed(0)
@@ -474,7 +260,7 @@ def test_densenet_matches_torchvision(triton_calls):
         _compare(p.grad, q.grad, 1e-4, name)
     for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
         _compare(b.float(), c.float(), 1e-5, name)
-    assert {"bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"} <= set(triton_calls)
+    assert {"bn_relu_pool_conv1x1", "bn_relu_pool_conv1x1_backward"} <= set(kernel_spy.ops["triton"])
 
     with torch.no_grad():
         for model in (ours, theirs):

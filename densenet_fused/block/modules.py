@@ -175,9 +175,11 @@ class _Transition(nn.Sequential):
         dtype = _check_input([input], self.norm.num_features, weight, "Transition")
         if any(size < 2 for size in input.shape[2:]):
             raise ValueError(f"Transition pools by 2 and needs a spatial size of at least 2, got {tuple(input.shape)}")
+        # statistics of the input as given (float32 under autocast), as torchvision's norm, which autocast leaves
+        # in float32, takes them; then the input in the compute dtype
+        stats, training, sync = norm_inputs(self.norm, input, "Transition")
         input = input.to(dtype)
         weight = weight.to(dtype).flatten(1)
-        stats, training, sync = norm_inputs(self.norm, input, "Transition")
         if sync is None:
             return bn_relu_pool_conv1x1(input, *stats, weight, training)
         return _SyncTransitionFunction.apply(sync, input, *stats, weight)

@@ -1,6 +1,8 @@
 """The pure-PyTorch math the primitives' references share: normalization, the BatchNorm backward, BN -> ReLU and
 a 1x1 convolution as a GEMM.  Each primitive's reference composes these, so no primitive builds on another."""
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ def batch_norm_backward(grad_y, x_hat, invstd, gamma, training):
     sample_beta, sample_gamma = grad_y.sum(spatial), (grad_y * x_hat).sum(spatial)  # [N, C]
     grad_beta, grad_gamma = sample_beta.sum(0), sample_gamma.sum(0)
     if training:
-        count = grad_y[0, 0].numel()
+        count = math.prod(grad_y.shape[2:])  # per sample (also for an empty batch)
         if invstd.dim() == 1:
             sample_beta, sample_gamma, count = grad_beta, grad_gamma, count * grad_y.size(0)
         grad_y = grad_y - broadcast(sample_beta / count, x_hat) - x_hat * broadcast(sample_gamma / count, x_hat)

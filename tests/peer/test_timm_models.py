@@ -383,3 +383,22 @@ def test_model_backward_fx(model_name, batch_size):
     assert outputs.shape[-1] == 42
     assert num_params == num_grad, 'Some parameters are missing gradients'
     assert not torch.isnan(outputs).any(), 'Output included NaNs'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Not upstream: the numbers of the fused path.  test_model_forward's grad-checkpointing comparison runs the fused
+# path twice (set_grad_checkpointing only switches memory_efficient, which keeps or recomputes the bottleneck) and
+# test_model_backward checks gradients only for presence.  This checks the converted model in train mode, in
+# float64, against timm's own: outputs, input and parameter gradients, running statistics.
+
+
+@pytest.mark.parametrize("model_name", ["densenet121", "densenetblur121d", "densenet264d"])
+def test_converted_model_trains_like_timm_float64(model_name):
+    from helpers import assert_lockstep
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(model_name, pretrained=False, num_classes=7).double()
+    ours = create_model(model_name, pretrained=False, num_classes=7).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)  # the last block at 2x2: 8 values per BatchNorm channel
+    assert_lockstep(ours, theirs, x, torch.tensor([3, 6]), steps=1, rtol=1e-9, atol=1e-9)

@@ -171,3 +171,26 @@ def test_classification_model(model_fn, dev):
             assert out.shape[-1] == 50
 
     _check_input_backprop(model, x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Not upstream: the numbers of the fused path.  test_memory_efficient_densenet compares two runs of the fused
+# path (memory_efficient only keeps or recomputes the bottleneck, and its comparison is in eval mode) and checks
+# gradients only for presence, so it cannot catch a wrong fused gradient.  This checks each builder in train
+# mode, in float64, against torchvision's own model: outputs, input and parameter gradients, running statistics.
+
+
+@pytest.mark.parametrize(
+    "name,memory_efficient",
+    [("densenet121", True), ("densenet161", False), ("densenet169", True), ("densenet201", False)],
+)
+def test_fused_builder_trains_like_torchvision_float64(name, memory_efficient):
+    import torchvision
+    from helpers import assert_lockstep
+
+    torch.manual_seed(0)
+    ours = getattr(densenet_fused, name)(num_classes=50, memory_efficient=memory_efficient).double()
+    theirs = getattr(torchvision.models, name)(num_classes=50).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)  # the last block at 2x2: 8 values per BatchNorm channel
+    assert_lockstep(ours, theirs, x, torch.tensor([3, 41]), steps=1, rtol=1e-9, atol=1e-9)
