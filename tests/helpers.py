@@ -16,6 +16,7 @@ from benchmarks.twins import (  # noqa: F401  (re-exported for the tests)
     step_results,
     twins,
 )
+from densenet_fused.ops import PRIMITIVES
 
 
 def train_step(model, x, target, lr=0.1):
@@ -107,6 +108,7 @@ MONAI_TINY = dict(init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2
 # ---------------------------------------------------------------------------------------------------
 # Kernel problems: the inputs of the fused primitives, as the block hands them to the kernels.
 
+OPS = {op.name: op for primitive in PRIMITIVES.values() for op in primitive.ops.values()}  # every public op by name
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 MARGIN = 0.05  # every pre-ReLU value stays this far from the kink, where rounding would flip a gradient

@@ -7,35 +7,56 @@ One test per primitive (``PRIMITIVES``: its forward and backward ops together) o
 * spatial rank 1, 2 and 3;
 * shape: ``prefix`` (x a channel prefix of a larger buffer, odd sizes), ``spatial1`` (one pixel, two per dim
   for the pooling primitive, which pools it to one), ``multi_tile`` (channels, outputs and pixels over several
-  tiles and reduction splits of every kernel);
+  tiles and reduction splits of every Triton kernel), and for C++ ``many_tiles`` (several of its ~1 MiB pixel
+  tiles in one thread's chunk: run on one thread, so on any machine);
 * statistics: per channel [C] (batch norm) and per sample [N, C] (instance norm, more than one pixel);
 * dtype: float32 always, and one of float64, float16, bfloat16 in turn (bfloat16 Triton only on a GPU: the
   interpreter's bf16 arithmetic is broken).
 
 Inputs come as the block hands them to the kernels: gradients in x's layout, the shared gradient buffer
-already holding later layers' gradients.  ``conftest.py`` guards every case (the references raise, a spy
+already holding later layers' gradients.  Then the block's hot path itself (``test_block_matches_its_modules``:
+the kernels as the block launches them, per backend, layout, rank and norm) against the block's own modules,
+and ``opcheck`` of every public op under every backend.  ``conftest.py`` guards every case (the references raise, a spy
 checks that a kernel of the backend ran, fresh memory is NaN).  The reference runs in the same dtype on the
 same inputs, so both round at the same points and the tolerance bounds the rest (``TOLERANCE``).
 """
 
+import copy
 import math
 
 import pytest
 import torch
-from helpers import CUDA, acc, kernel_problem, layout_of, random_in_layout, random_weight
+from helpers import (
+    CUDA,
+    OPS,
+    acc,
+    assert_close_tensors,
+    in_layout,
+    kernel_problem,
+    layout_of,
+    random_in_layout,
+    random_weight,
+    randomize_affine,
+)
 
+import densenet_fused
 from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
 
 TRITON = tr.TRITON_AVAILABLE and (CUDA or tr.interpreting())
-BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)"))]
+BACKENDS = [
+    "cpp",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")),
+]
 LAYOUTS = ["contiguous", "channels_last"]
 # (N, C, outputs B, spatial per rank) for each shape kind
 SHAPES = {
     "prefix": (2, 7, 11, {1: (17,), 2: (5, 3), 3: (3, 4, 5)}),
     "spatial1": (3, 5, 3, {1: (1,), 2: (1, 1), 3: (1, 1, 1)}),
     "multi_tile": (3, 70, 40, {1: (67,), 2: (9, 11), 3: (3, 5, 7)}),
+    "many_tiles": (3, 256, 32, {1: (4095,), 2: (63, 65), 3: (15, 21, 13)}),
 }
+KERNEL_SHAPES = {"cpp": list(SHAPES), "triton": [shape for shape in SHAPES if shape != "many_tiles"]}
 # Tolerances, relative and absolute x the largest magnitude of the expected value:
 # * float64: 1e-10: both accumulate in float64, only summation order differs.
 # * float32: 2e-5: summation order and BN folded into x * scale + shift; float32 sums of a few thousand terms
@@ -68,19 +89,40 @@ def _cases(primitive):
         extras = [torch.float64, torch.float16] + ([torch.bfloat16] if name == "cpp" or CUDA else [])
         for j, layout in enumerate(LAYOUTS):
             for rank in (1, 2, 3):
-                for k, shape in enumerate(SHAPES):
-                    # per-sample statistics of one pixel are degenerate (var 0): instance norm refuses them
-                    per_samples = (False,) if primitive == "channel_stats" or shape == "spatial1" else (False, True)
-                    for per_sample in per_samples:
+                for k, shape in enumerate(KERNEL_SHAPES[name]):
+                    for per_sample in _statistics(primitive, shape):
                         extra = extras[(i + j + rank + k + per_sample) % len(extras)]
                         for dtype in (torch.float32, extra):
                             stats = "sample" if per_sample else "channel"
                             ident = f"{name}-{layout}-{rank}d-{shape}-{stats}-{DTYPE_IDS[dtype]}"
-                            cases.append(pytest.param(name, layout, rank, shape, per_sample, dtype, marks=marks, id=ident))
+                            values = (name, layout, rank, shape, per_sample, dtype)
+                            cases.append(pytest.param(*values, marks=marks, id=ident))
     return cases
 
 
+def _statistics(primitive, shape):
+    """(per_sample, ...): channel_stats has per-channel statistics only; per-sample statistics of one pixel are
+    degenerate (var 0: instance norm refuses them); per sample, many_tiles' samples are tiled apart."""
+    if primitive == "channel_stats" or shape in ("spatial1", "many_tiles"):
+        return (False,)
+    return (False, True)
+
+
 MATRIX = "backend,layout,rank,shape,per_sample,dtype"
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_many_tiles(request):
+    """The C++ kernels give each thread an equal share of the tiles: on one thread every tile of a
+    ``many_tiles`` case lands in one chunk, whose partial sums then add up across tiles."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("shape") != "many_tiles":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -238,10 +280,52 @@ def _opcheck_args(layout, rank):
 def test_opcheck_public_ops(backend, layout, rank):
     """Every public op, with its arguments up to ``training`` (True: a batch-statistics case for autograd)."""
     cases = _opcheck_args(layout, rank)
-    all_ops = [op for primitive in PRIMITIVES.values() for op in primitive.ops.values()]
-    assert {op.name for op in all_ops} == set(cases), "every op needs an opcheck case"
-    for op in all_ops:
+    assert set(OPS) == set(cases), "every op needs an opcheck case"
+    for op in OPS.values():
         args = cases[op.name]
         extra = op.custom_op._opoverload._schema.arguments[len(args) :]
         assert all(a.name == "training" for a in extra), extra
         torch.library.opcheck(op.custom_op, (*args, *[True] * len(extra)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The block's hot path: the same kernels launched by the block itself (``backends``: the Triton path launches
+# them directly, statistics in the copy and GEMM epilogues; instance norm takes the op tables), with the
+# backward the block really runs (every gradient in the buffer's layout), against the block's own modules.
+
+
+def modules_truth(block, x):
+    """The block as torchvision computes it: each layer's modules on the concatenation of all earlier features."""
+    features = [x]
+    for layer in block.values():
+        bottleneck = layer.conv1(layer.relu1(layer.norm1(torch.cat(features, 1))))
+        features.append(layer.conv2(layer.relu2(layer.norm2(bottleneck))))
+    return torch.cat(features, 1)
+
+
+@pytest.mark.parametrize("norm", ["batch", ("instance", {"affine": True})], ids=["batch", "instance"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_matches_its_modules(backend, layout, rank, norm):
+    """float64, training (forward, input and parameter gradients, running statistics) then eval."""
+    torch.manual_seed(0)
+    ours = randomize_affine(densenet_fused.DenseBlock(3, 5, 2, 3, 0.0, spatial_dims=rank, norm=norm).double())
+    theirs = copy.deepcopy(ours)
+    x = in_layout(torch.randn(2, 5, *[(9, 7, 5)[i] for i in range(rank)], dtype=torch.float64), layout)
+    grad = in_layout(torch.randn(2, 14, *x.shape[2:], dtype=torch.float64), layout)
+    results = []
+    for run, module in ((ours, ours), (lambda inp: modules_truth(theirs, inp), theirs)):
+        inp = x.clone().requires_grad_()
+        out = run(inp)
+        out.backward(grad)
+        results.append((out, inp.grad, [p.grad for p in module.parameters()], list(module.buffers())))
+    (out, gx, *ours_rest), (out_t, gx_t, *theirs_rest) = results
+    assert layout_of(out) == layout_of(x) and layout_of(gx) == layout_of(x)
+    torch.testing.assert_close(out, out_t, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gx, gx_t, rtol=1e-9, atol=1e-9)
+    for what, actual, expected in zip(("parameter grads", "buffers"), ours_rest, theirs_rest):
+        assert_close_tensors(actual, expected, 1e-9, 1e-9, what)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), modules_truth(theirs, x), rtol=1e-9, atol=1e-9)

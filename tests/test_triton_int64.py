@@ -22,17 +22,14 @@ import os
 
 import pytest
 import torch
+from helpers import CUDA, DEVICE, OPS
 
-from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
 
 bn_relu_mod = importlib.import_module("densenet_fused.ops.bn_relu")
 conv_mod = importlib.import_module("densenet_fused.ops.bn_relu_conv1x1")
 pool_mod = importlib.import_module("densenet_fused.ops.bn_relu_pool_conv1x1")
 stats_mod = importlib.import_module("densenet_fused.ops.channel_stats")
-
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 pytestmark = pytest.mark.skipif(
     not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
@@ -41,7 +38,6 @@ pytestmark = pytest.mark.skipif(
 # A kernel test: guarded by conftest.py (no reference fallback, a Triton kernel must run, fresh memory NaN).
 TRITON = pytest.mark.parametrize("backend", ["triton"])
 
-REF = {op.name: op.reference for primitive in PRIMITIVES.values() for op in primitive.ops.values()}
 S = 2**31 - 256
 LENGTH = 2**32 + 1024
 WRAPPED = 512  # storage[:WRAPPED]: where the int32-wrapped offsets land
@@ -131,7 +127,7 @@ def test_channel_stats(backend, arena):
     before = arena.snapshot()
     got = stats_mod.channel_stats_triton(x)
     arena.assert_untouched(before)
-    for name, g, w in zip(("mean", "var"), got, REF["channel_stats"](x.contiguous())):
+    for name, g, w in zip(("mean", "var"), got, OPS["channel_stats"].reference(x.contiguous())):
         close(g, w, name)
 
 
@@ -142,7 +138,7 @@ def test_bn_relu_forward(backend, arena):
     before = arena.snapshot()
     got = bn_relu_mod.bn_relu_triton(x, *params)
     arena.assert_untouched(before)
-    close(got, REF["bn_relu"](x.contiguous(), *params), "out")
+    close(got, OPS["bn_relu"].reference(x.contiguous(), *params), "out")
 
 
 @TRITON
@@ -153,7 +149,7 @@ def test_bn_relu_backward(backend, arena, training):
     before = arena.snapshot()
     got = bn_relu_mod.bn_relu_backward_triton(grad_z, x, *params, training)
     arena.assert_untouched(before)
-    want = REF["bn_relu_backward"](grad_z.contiguous(), x.contiguous(), *params, training)
+    want = OPS["bn_relu_backward"].reference(grad_z.contiguous(), x.contiguous(), *params, training)
     for name, g, w in zip(("grad_x", "grad_gamma", "grad_beta"), got, want):
         close(g, w, name)
 
@@ -167,7 +163,7 @@ def test_conv1x1_forwards(backend, arena, name):
     before = arena.snapshot()
     got = launcher[name](x, *params, weight)
     arena.assert_untouched(before)
-    close(got, REF[name](x.contiguous(), *params, weight), "out")
+    close(got, OPS[name].reference(x.contiguous(), *params, weight), "out")
 
 
 @TRITON
@@ -181,7 +177,7 @@ def test_bn_relu_conv1x1_backward_accumulates_in_place(backend, arena, training)
     accumulated = grad_buffer.clone()
     grad_buffer[:, :C].copy_(expected[:, :C])  # the elements the kernel writes; all else must be as before
     arena.assert_untouched(before)
-    want = REF["bn_relu_conv1x1_backward"](grad_y.contiguous(), x.contiguous(), *params, weight, expected, training)
+    want = OPS["bn_relu_conv1x1_backward"].reference(grad_y.contiguous(), x.contiguous(), *params, weight, expected, training)
     for name, g, w in zip(("grad_weight", "grad_gamma", "grad_beta"), got, want):
         close(g, w, name)
     close(accumulated, expected, "grad_buffer")
@@ -196,7 +192,7 @@ def test_bn_relu_pool_conv1x1_backward(backend, arena, training):
     before = arena.snapshot()
     got = pool_mod.bn_relu_pool_conv1x1_backward_triton(grad_y, x, *params, weight, training)
     arena.assert_untouched(before)
-    want = REF["bn_relu_pool_conv1x1_backward"](grad_y, x.contiguous(), *params, weight, training)
+    want = OPS["bn_relu_pool_conv1x1_backward"].reference(grad_y, x.contiguous(), *params, weight, training)
     for name, g, w in zip(("grad_x", "grad_weight", "grad_gamma", "grad_beta"), got, want):
         close(g, w, name)
 

@@ -17,15 +17,13 @@ import warnings
 import pytest
 import torch
 import torchvision
-from helpers import CUDA, DEVICE, kernel_problem, random_in_layout, random_weight
+from helpers import CUDA, DEVICE, OPS, kernel_problem, random_in_layout, random_weight
 
 import densenet_fused
-from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
 
 conv_kernels = importlib.import_module("densenet_fused.ops._conv1x1_triton")
 
-OPS = {op.name: op for primitive in PRIMITIVES.values() for op in primitive.ops.values()}
 LAYOUTS = ["nchw", "channels_last"]
 
 pytestmark = pytest.mark.skipif(

@@ -12,6 +12,9 @@ Adapted: ``create_model`` converts what timm builds; the lists are filtered to '
 pytest-timeout and CI-runner markers are dropped; the pretrained tests need the network (the Hugging Face
 Hub, where timm's weights are) and are skipped; timm is imported through ``pytest.importorskip``, so the file
 skips where timm is not installed.
+
+Upstream's assertions are kept as they are.  One test of ours follows them (marked "Not upstream"): the numeric
+check, train mode and float64 against timm's own model, that their same-path comparisons cannot give.
 """
 
 import fnmatch

@@ -8,6 +8,8 @@ and test_jit_forward_backward.
 
 Adapted: the models come from densenet_fused's builders (densenet264 too); the tests of other models are left
 out.  TorchScript is unsupported, so scripting the extractor must raise the TorchScript error at once.
+Upstream's assertions are kept as they are; test_forward_backward asserts nothing, so one test of ours (marked
+"Not upstream") checks the fused extractor's numbers against torchvision's in train mode and float64.
 """
 
 import random
@@ -113,6 +115,37 @@ class TestFxFeatureExtraction:
                 # Assume that the only other alternative at this point is a Tensor
                 out_agg += node_out.float().mean()
         out_agg.backward()
+
+    # Not upstream: test_forward_backward above only runs the extractor and asserts nothing.  The numbers of the
+    # fused path through FX feature extraction: train mode, float64, returned features, input and parameter
+    # gradients against torchvision's own model traced the same way (its transitions are traced into their
+    # modules, ours are leaves: the same features under other node names).
+    def test_fused_extractor_trains_like_torchvision_float64(self):
+        import torchvision
+
+        torch.manual_seed(0)
+        ours = densenet_fused.densenet121(num_classes=3).double().train()
+        theirs = torchvision.models.densenet121(num_classes=3).double().train()
+        theirs.load_state_dict(ours.state_dict())
+        nodes = {
+            "ours": {"features.transition1": "t1", "features.transition3": "t3", "features.norm5": "n5", "classifier": "c"},
+            "theirs": {"features.transition1.pool": "t1", "features.transition3.pool": "t3", "features.norm5": "n5",
+                       "classifier": "c"},
+        }  # fmt: skip
+        x = torch.rand(2, 3, 64, 64, dtype=torch.float64)  # the last block at 2x2: 8 values per BatchNorm channel
+        results = []
+        for which, model in (("ours", ours), ("theirs", theirs)):
+            extractor = create_feature_extractor(model, return_nodes=nodes[which])
+            inp = x.clone().requires_grad_()
+            out = extractor(inp)
+            sum((i + 1) * o.square().mean() for i, o in enumerate(out.values())).backward()
+            results.append((out, inp.grad, [p.grad for p in model.parameters()]))
+        (out, grad, grads), (out_t, grad_t, grads_t) = results
+        for name in out_t:
+            torch.testing.assert_close(out[name], out_t[name], rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, grad_t, rtol=1e-9, atol=1e-9)
+        for (name, _), g, g_t in zip(ours.named_parameters(), grads, grads_t):
+            torch.testing.assert_close(g, g_t, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}.grad: {m}")
 
     @pytest.mark.parametrize("model_name", get_available_models())
     def test_jit_forward_backward(self, model_name):

@@ -9,6 +9,9 @@ Adapted:
   input (``python tests/peer/make_torchvision_expect.py`` writes them; EXPECTTEST_ACCEPT is dropped, since it
   would record our output instead);
 - TorchScript is unsupported, so ``_check_jit_scriptable`` must raise the TorchScript error at once.
+
+Upstream's assertions are kept as they are.  One test of ours follows them (marked "Not upstream"): the numeric
+check, train mode and float64 against torchvision, that their same-path comparisons cannot give.
 """
 
 import os
