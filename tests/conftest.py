@@ -117,6 +117,16 @@ def _kernel_backend(backend, monkeypatch):
 
 
 @pytest.fixture
+def ieee_fp32():
+    """Float32 convolutions and GEMMs (cuDNN's, cuBLAS's and our 1x1 convolutions, which follow torch's flag) in
+    IEEE fp32, not TF32: on a GPU, float32 comparisons are then tight on both sides."""
+    from benchmarks.flags import fp32
+
+    with fp32(conv="ieee", matmul="ieee"):
+        yield
+
+
+@pytest.fixture
 def kernel_spy(_kernel_backend) -> KernelSpy:
     """The kernels a ``backend``-parametrized test ran so far (its ``KernelSpy``)."""
     assert _kernel_backend is not None, "kernel_spy needs a test parametrized over a kernel backend"

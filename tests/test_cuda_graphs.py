@@ -165,16 +165,6 @@ def test_reduce_overhead_on_cpu_trains_like_eager():
 # On a GPU
 
 
-@pytest.fixture
-def ieee_fp32():
-    """Float32 convolutions and GEMMs (cuDNN's, cuBLAS's and our 1x1 convolutions) in IEEE fp32, not TF32: the GPU
-    tests run float32 (the kernels the check has compiled already) and compare tightly."""
-    from benchmarks.flags import fp32
-
-    with fp32(conv="ieee", matmul="ieee"):
-        yield
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("memory_efficient", [True, False])

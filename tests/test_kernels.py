@@ -49,6 +49,7 @@ BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")),
 ]
 LAYOUTS = ["contiguous", "channels_last"]
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 # (N, C, outputs B, spatial per rank) for each shape kind
 SHAPES = {
     "prefix": (2, 7, 11, {1: (17,), 2: (5, 3), 3: (3, 4, 5)}),
@@ -123,15 +124,6 @@ def one_thread_for_many_tiles(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def ieee_fp32():
-    """On a GPU, keep float32 matmuls and 1x1 convolutions (ours and the references') off TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def assert_matches(actual, expected, backend, dtype, what):

@@ -26,19 +26,13 @@ conv_kernels = importlib.import_module("densenet_fused.ops._conv1x1_triton")
 
 LAYOUTS = ["nchw", "channels_last"]
 
-pytestmark = pytest.mark.skipif(
-    not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
-    reason="needs triton, and a CUDA GPU or TRITON_INTERPRET=1 (set by conftest.py before triton is imported)",
-)
-
-
-@pytest.fixture(autouse=True)
-def ieee_fp32():
-    """On a GPU, keep torch's own fp32 matmuls and convolutions (references, torchvision) off TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+pytestmark = [
+    pytest.mark.skipif(
+        not tr.TRITON_AVAILABLE or not (CUDA or tr.interpreting()),
+        reason="needs triton, and a CUDA GPU or TRITON_INTERPRET=1 (set by conftest.py before triton is imported)",
+    ),
+    pytest.mark.usefixtures("ieee_fp32"),
+]
 
 
 def assert_close(actual, expected, tol=2e-5, what=""):
@@ -111,7 +105,7 @@ def test_tf32_follows_torch_convolution_precision(backend):
     levels = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
     saved = [level.fp32_precision for level in levels]
     try:
-        torch.backends.cudnn.allow_tf32 = True  # the legacy flag, torch's default (this file's fixture clears it)
+        torch.backends.cudnn.allow_tf32 = True  # the legacy flag, torch's default (the ieee_fp32 fixture clears it)
         assert tr.input_precision(torch.float32) == "tf32"
         torch.backends.cudnn.allow_tf32 = False
         assert tr.input_precision(torch.float32) == "ieee"
