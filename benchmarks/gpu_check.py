@@ -102,8 +102,9 @@ DRY_PLAN = Plan(TINY, 2, 32, (TINY, 2, 32), step_repeats=1, host_repeats=1, grap
                 compile_backends={"fused_eff_compile": "aot_eager", "tv_graphs": "aot_eager"},
                 compiled=("fused_eff_compile", "fused_eff_graphs", "tv_graphs"))  # fmt: skip
 
-# name: (dtype, float32 convolution precision, the tolerance tests/test_triton_ops.py allows). The Triton 1x1
-# convolutions follow torch's convolution precision flag, as cuDNN's do; torch's own GEMMs stay IEEE.
+# name: (dtype, float32 convolution precision, the tolerance the tests allow: tests/test_kernels.py, TF32
+# tests/test_triton_ops.py). The Triton 1x1 convolutions follow torch's convolution precision flag, as cuDNN's
+# do; torch's own GEMMs stay IEEE.
 PRECISIONS = {
     "fp32 IEEE": (torch.float32, "ieee", 2e-5),
     "fp32 TF32": (torch.float32, "tf32", 1e-2),
@@ -221,7 +222,7 @@ def primitive_numerics(check: Check, sec: Section):
         "channels_last prefix views, training=True). fp32 IEEE / TF32: torch's float32 convolution precision flag "
         "(`torch.backends.cudnn.conv.fp32_precision`, or `allow_tf32` on older torch) set to ieee / tf32, which our "
         "1x1 convolutions follow as cuDNN's do; torch's own GEMMs (the reference) IEEE. **over** marks an error "
-        "above the tolerance of tests/test_triton_ops.py ("
+        "above the tolerance the tests allow (tests/test_kernels.py; TF32: tests/test_triton_ops.py): ("
         + ", ".join(f"{label} {tol:g}" for label, (_, _, tol) in PRECISIONS.items()) + ")."
     )
     check.dry("Triton's interpreter on CPU (real comparisons); bf16 not measured (broken in the interpreter).", sec)
@@ -583,8 +584,8 @@ def search_batch(m: Measurer, p: Plan, key: str, share_end: float, seed) -> tupl
 
 # The kernels' and CUDA-graph tests first, in their own run, so that a run cut short still has their result.
 CUDA_TEST_GROUPS = [
-    ["tests/test_triton_ops.py", "tests/test_cuda_graphs.py"],
-    ["tests", "--ignore=tests/test_triton_ops.py", "--ignore=tests/test_cuda_graphs.py"],
+    ["tests/test_kernels.py", "tests/test_cuda_graphs.py"],
+    ["tests", "--ignore=tests/test_kernels.py", "--ignore=tests/test_cuda_graphs.py"],
 ]
 
 

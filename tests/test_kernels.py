@@ -10,8 +10,8 @@ One test per primitive (``PRIMITIVES``: its forward and backward ops together) o
   tiles and reduction splits of every Triton kernel), and for C++ ``many_tiles`` (several of its ~1 MiB pixel
   tiles in one thread's chunk: run on one thread, so on any machine);
 * statistics: per channel [C] (batch norm) and per sample [N, C] (instance norm, more than one pixel);
-* dtype: float32 always, and one of float64, float16, bfloat16 in turn (bfloat16 Triton only on a GPU: the
-  interpreter's bf16 arithmetic is broken).
+* dtype: float32 always, and one of float64, float16, bfloat16 in turn (bfloat16 Triton only on a GPU, where
+  those cases are ``cuda``-marked for ``benchmarks/gpu_check.py``: the interpreter's bf16 arithmetic is broken).
 
 Inputs come as the block hands them to the kernels: gradients in x's layout, the shared gradient buffer
 already holding later layers' gradients.  Then the block's hot path itself (``test_block_matches_its_modules``:
@@ -97,7 +97,8 @@ def _cases(primitive):
                             stats = "sample" if per_sample else "channel"
                             ident = f"{name}-{layout}-{rank}d-{shape}-{stats}-{DTYPE_IDS[dtype]}"
                             values = (name, layout, rank, shape, per_sample, dtype)
-                            cases.append(pytest.param(*values, marks=marks, id=ident))
+                            gpu_only = (pytest.mark.cuda,) if name == "triton" and dtype == torch.bfloat16 else ()
+                            cases.append(pytest.param(*values, marks=(*marks, *gpu_only), id=ident))
     return cases
 
 
