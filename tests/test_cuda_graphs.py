@@ -142,6 +142,17 @@ def test_training_step_calls_no_synchronizing_op(backend):
     assert not names & SYNCHRONIZING, sorted(names & SYNCHRONIZING)
 
 
+def reduce_overhead(model):
+    """``torch.compile(model, mode="reduce-overhead")``, each call marked as a new step (its CUDA graphs replay)."""
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+
+    def run(inp):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(inp)
+
+    return run
+
+
 def test_reduce_overhead_on_cpu_trains_like_eager():
     """torch.compile(mode="reduce-overhead") compiles with inductor and would replay CUDA graphs; on CPU tensors
     inductor skips the graphs (and counts the skip) but compiles the same way: three steps match eager exactly,
@@ -151,13 +162,7 @@ def test_reduce_overhead_on_cpu_trains_like_eager():
     x, target = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3])
     counters.clear()
     with torch._inductor.config.patch(fallback_random=True):
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-
-        def run(inp):
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(inp)
-
-        assert_trains_like(run, model, eager, x, target)
+        assert_trains_like(reduce_overhead(model), model, eager, x, target)
     assert counters["inductor"]["cudagraph_skips"] >= 1  # CPU tensors: no CUDA graphs
 
 
@@ -194,11 +199,5 @@ def test_reduce_overhead_trains_like_eager_with_cuda_graphs(ieee_fp32):
     target = torch.tensor([1, 3], device="cuda")
     counters.clear()
     with torch._inductor.config.patch(fallback_random=True):
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-
-        def run(inp):
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(inp)
-
-        assert_trains_like(run, model, eager, x, target, steps=4, rtol=1e-4, atol=1e-5)
+        assert_trains_like(reduce_overhead(model), model, eager, x, target, steps=4, rtol=1e-4, atol=1e-5)
     assert counters["inductor"]["cudagraph_skips"] == 0, "inductor did not use CUDA graphs"
