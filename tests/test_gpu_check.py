@@ -153,24 +153,26 @@ import sys
 
 class NotInstalled:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("monai", "timm"):
+        if name.split(".")[0] in ("monai", "timm", "hypothesis"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, NotInstalled())
 import pytest
-sys.exit(pytest.main(["--collect-only", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", "tests"]))
+# hypothesis's pytest plugin is not there either
+sys.exit(pytest.main(["--collect-only", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-m", "cuda",
+                      "tests"]))
 """
 
 
-def test_cuda_tests_collect_without_monai_and_timm():
-    """The lent GPU machine has neither: the peer files that need them skip, and the rest still collects."""
+def test_cuda_tests_collect_without_monai_timm_and_hypothesis():
+    """The lent GPU machine has none of them: the files that need them skip, and the rest still collects."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", BLOCK_PEERS], capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env=env)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert not re.search(r"\d+ errors?\b", output), output[-4000:]
-    for skipped in ("tests/peer/test_monai_densenet.py", "tests/peer/test_timm_models.py"):
+    for skipped in ("tests/peer/test_monai_densenet.py", "tests/peer/test_timm_models.py", "tests/test_fuzz.py"):
         assert f"SKIPPED [1] {skipped}" in output, output[-4000:]
     assert "tests/peer/test_torchvision_models.py::test_classification_model[cuda-densenet121]" in output
     assert "tests/test_cuda_graphs.py::test_reduce_overhead_trains_like_eager_with_cuda_graphs" in output
