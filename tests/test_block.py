@@ -5,6 +5,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.densenet import _DenseBlock as TorchvisionBlock
 from torchvision.models.densenet import _DenseLayer as TorchvisionLayer
+from helpers import randomize_affine
 
 import densenet_fused
 from densenet_fused.block import autograd as block_autograd
@@ -13,12 +14,8 @@ from densenet_fused.backends import OpKernels
 
 def _block(num_layers=3, channels=4, bn_size=2, growth=3, drop_rate=0.0, memory_efficient=True):
     torch.manual_seed(0)
-    ours = densenet_fused.DenseBlock(num_layers, channels, bn_size, growth, drop_rate, memory_efficient).double()
-    for module in ours.modules():  # non-trivial affine parameters, so their gradients are checked too
-        if isinstance(module, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
-    return ours
+    block = densenet_fused.DenseBlock(num_layers, channels, bn_size, growth, drop_rate, memory_efficient)
+    return randomize_affine(block.double())  # non-trivial affine parameters: their gradients are checked too
 
 
 @pytest.mark.parametrize("train", [True, False])
