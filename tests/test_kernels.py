@@ -65,9 +65,11 @@ KERNEL_SHAPES = {"cpp": list(SHAPES), "triton": [shape for shape in SHAPES if sh
 # * C++ 16-bit outputs: one flipped rounding is 2^-11..2^-10 (float16), 2^-8..2^-7 (bfloat16) relative and the
 #   in-place accumulation rounds twice: 2^-9 and 2^-6.  Its float32 outputs (statistics, grad_gamma,
 #   grad_beta) are computed from the same rounded values as the reference's: 2e-5.
-# * Triton float16 / bfloat16: the weight-gradient GEMM takes the recomputed activation rounded to 16 bits
-#   (tensor cores), where the reference keeps it in float32, and every output depends on it through
-#   grad_gamma/grad_beta: a few 16-bit ulps, 4e-3 (float16, eps 4.9e-4) and 3e-2 (bfloat16, eps 3.9e-3).
+# * Triton float16 / bfloat16 outputs: the weight-gradient GEMM takes the recomputed activation rounded to 16 bits
+#   (tensor cores), where the reference keeps it in float32: a few 16-bit ulps, 4e-3 (float16, eps 4.9e-4) and
+#   3e-2 (bfloat16, eps 3.9e-3).  Float32 outputs of float16 inputs (statistics, grad_gamma, grad_beta) are
+#   float32 reductions of the same rounded values as the reference's: 2e-5.  bfloat16 runs only on a GPU, where
+#   that has not been measured yet: 3e-2 for all its outputs.
 TOLERANCE = {
     ("cpp", torch.float64): (1e-10, 1e-10),
     ("cpp", torch.float32): (2e-5, 2e-5),
@@ -75,7 +77,7 @@ TOLERANCE = {
     ("cpp", torch.bfloat16): (2**-6, 2e-5),
     ("triton", torch.float64): (1e-10, 1e-10),
     ("triton", torch.float32): (2e-5, 2e-5),
-    ("triton", torch.float16): (4e-3, 4e-3),
+    ("triton", torch.float16): (4e-3, 2e-5),
     ("triton", torch.bfloat16): (3e-2, 3e-2),
 }  # (16-bit outputs, float32 outputs)
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
