@@ -106,7 +106,8 @@ MONAI_TINY = dict(init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernel problems: the inputs of the fused primitives, as the block hands them to the kernels.
+# Kernel problems: the inputs of the fused primitives, as the block hands them to the kernels.  The dtype and
+# layout rules below restate the package's (``ops.layout``) on purpose: the tests check the package against them.
 
 OPS = {op.name: op for primitive in PRIMITIVES.values() for op in primitive.ops.values()}  # every public op by name
 CUDA = torch.cuda.is_available()

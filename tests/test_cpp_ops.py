@@ -8,7 +8,7 @@ The test suite runs after the build, so a missing extension fails these tests (i
 import pytest
 import torch
 import torchvision
-from helpers import OPS, TINY, kernel_problem, random_in_layout, random_weight
+from helpers import OPS, TINY, assert_lockstep, kernel_problem, random_in_layout, random_weight
 
 import densenet_fused
 from densenet_fused.ops import _backend
@@ -98,40 +98,16 @@ def test_clear_errors():
 # The whole model through the C++ path, against torchvision.
 
 
-def _train_steps(model, x, target, steps):
-    results = []
-    for _ in range(steps):
-        inp = x.clone().requires_grad_()
-        model.zero_grad(set_to_none=True)
-        out = model(inp)
-        torch.nn.functional.cross_entropy(out, target).backward()
-        results.append((out.detach(), inp.grad, [p.grad.clone() for p in model.parameters()]))
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= 0.1 * p.grad
-    return results
-
-
 @pytest.mark.parametrize("memory_efficient", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", ["cpp"])
 def test_model_matches_torchvision_float64(backend, memory_efficient, layout):
-    arch = TINY
+    """Three training steps in lockstep (outputs, gradients, parameters and running statistics), then eval."""
     torch.manual_seed(0)
-    ours = densenet_fused.DenseNet(**arch, memory_efficient=memory_efficient).double()
-    theirs = torchvision.models.DenseNet(**arch).double()
+    ours = densenet_fused.DenseNet(**TINY, memory_efficient=memory_efficient).double()
+    theirs = torchvision.models.DenseNet(**TINY).double()
     theirs.load_state_dict(ours.state_dict())
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     ours, theirs = ours.to(memory_format=fmt), theirs.to(memory_format=fmt)
     x = torch.randn(3, 3, 35, 39, dtype=torch.float64).to(memory_format=fmt)
-    target = torch.tensor([0, 3, 4])
-    for step, (a, e) in enumerate(zip(_train_steps(ours, x, target, 3), _train_steps(theirs, x, target, 3))):
-        torch.testing.assert_close(a[0], e[0], rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step} output: {m}")
-        torch.testing.assert_close(a[1], e[1], rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step} input grad: {m}")
-        for (name, _), ga, ge in zip(ours.named_parameters(), a[2], e[2]):
-            torch.testing.assert_close(ga, ge, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {step} {name}.grad: {m}")
-    for (name, a), e in zip(ours.state_dict().items(), theirs.state_dict().values()):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
-    ours.eval(), theirs.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-9)
+    assert_lockstep(ours, theirs, x, torch.tensor([0, 3, 4]), steps=3, rtol=1e-9, atol=1e-9)

@@ -4,8 +4,9 @@ Its statistics are per sample and channel ([N, C]).  The references compute them
 Triton kernels, written for per-channel statistics, run them once per sample (a sample with its own
 statistics is a batch of one; the kernel matrix, tests/test_kernels.py, checks them against the reference).
 Checked here in float64 against torch's own F.instance_norm composition, on each kernel backend against torch
-modules, through torch.compile over several batch sizes, under double backward and for what backward saves.  The whole network is checked against MONAI's instance-norm DenseNet
-in tests/test_monai.py and tests/peer/test_monai_densenet.py.
+modules, through torch.compile over several batch sizes, under double backward and for what backward saves.
+The whole network is checked against MONAI's instance-norm DenseNet in tests/test_monai.py and
+tests/peer/test_monai_densenet.py.
 """
 
 import copy

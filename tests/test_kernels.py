@@ -44,10 +44,8 @@ from densenet_fused.ops import PRIMITIVES
 from densenet_fused.ops import _triton as tr
 
 TRITON = tr.TRITON_AVAILABLE and (CUDA or tr.interpreting())
-BACKENDS = [
-    "cpp",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")),
-]
+BACKEND_MARKS = {"cpp": (), "triton": (pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)"),)}
+BACKENDS = [pytest.param(name, marks=marks) for name, marks in BACKEND_MARKS.items()]
 LAYOUTS = ["contiguous", "channels_last"]
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 # (N, C, outputs B, spatial per rank) for each shape kind
@@ -86,9 +84,7 @@ DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16"
 def _cases(primitive):
     """The matrix's parameters for one primitive: float32 everywhere, the extra dtype in turn."""
     cases = []
-    for i, backend in enumerate(BACKENDS):
-        name = backend.values[0] if hasattr(backend, "values") else backend
-        marks = backend.marks if hasattr(backend, "marks") else ()
+    for i, (name, marks) in enumerate(BACKEND_MARKS.items()):
         extras = [torch.float64, torch.float16] + ([torch.bfloat16] if name == "cpp" or CUDA else [])
         for j, layout in enumerate(LAYOUTS):
             for rank in (1, 2, 3):

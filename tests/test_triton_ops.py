@@ -191,8 +191,12 @@ def _randomize_norms(model, seed=7):
                 module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
 
 
-def _compare(ours, theirs, tol, what):
-    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * max(1.0, theirs.abs().max().item()), msg=lambda m: f"{what}: {m}")
+def _assert_state_matches(ours, theirs):
+    """Parameter gradients (1e-4) and buffers (1e-5) of two models with the same structure."""
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, name)
+    for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        assert_close(b.float(), c.float(), 1e-5, name)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -212,14 +216,11 @@ def test_dense_block_matches_torchvision(backend, layout, kernel_spy):
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
 
     out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
-    _compare(out_ours, out_theirs, 1e-5, "block output")
+    assert_close(out_ours, out_theirs, 1e-5, "block output")
     grad = torch.randn_like(out_theirs)
     out_ours.backward(grad), out_theirs.backward(grad)
-    _compare(x_ours.grad, x_theirs.grad, 1e-4, "input grad")
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        _compare(p.grad, q.grad, 1e-4, name)
-    for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
-        _compare(b.float(), c.float(), 1e-5, name)
+    assert_close(x_ours.grad, x_theirs.grad, 1e-4, "input grad")
+    _assert_state_matches(ours, theirs)
     assert not kernel_spy.ops["triton"]  # the block launches its kernels itself, never through the primitive ops
     assert set(kernel_spy.launched) == {
         "_stats_pass_kernel", "finalize_stats_kernel", "_conv1x1_forward_kernel", "_bn_relu_kernel",
@@ -246,12 +247,9 @@ def test_densenet_matches_torchvision(backend, kernel_spy):
         out = model(inp)
         torch.nn.functional.cross_entropy(out, target).backward()
         outputs.append((out.detach(), inp.grad))
-    _compare(outputs[0][0], outputs[1][0], 1e-4, "logits")
-    _compare(outputs[0][1], outputs[1][1], 1e-4, "input grad")
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        _compare(p.grad, q.grad, 1e-4, name)
-    for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
-        _compare(b.float(), c.float(), 1e-5, name)
+    assert_close(outputs[0][0], outputs[1][0], 1e-4, "logits")
+    assert_close(outputs[0][1], outputs[1][1], 1e-4, "input grad")
+    _assert_state_matches(ours, theirs)
     assert {"bn_relu_pool_conv1x1", "bn_relu_pool_conv1x1_backward"} <= set(kernel_spy.ops["triton"])
 
     with torch.no_grad():
@@ -259,4 +257,4 @@ def test_densenet_matches_torchvision(backend, kernel_spy):
             for p in model.parameters():
                 p -= 0.1 * p.grad
         ours.eval(), theirs.eval()
-        _compare(ours(x), theirs(x), 1e-4, "eval logits after a step")
+        assert_close(ours(x), theirs(x), 1e-4, "eval logits after a step")
