@@ -274,10 +274,10 @@ def _leaf_aten_ops(prof) -> int:
     return n
 
 
-def _fused(blocks, memory_efficient=True):
+def _fused(blocks, memory_efficient=True, act="relu"):
     from densenet_fused.models import DenseNet
 
-    return DenseNet(**NET, block_config=blocks, memory_efficient=memory_efficient)
+    return DenseNet(**NET, block_config=blocks, memory_efficient=memory_efficient, act=act)
 
 
 def _torchvision(blocks):
@@ -289,11 +289,13 @@ def _torchvision(blocks):
 IMPLS = {  # key -> (label, model factory)
     "fused": ("fused", _fused),  # densenet_fused, memory_efficient=True (its default): backward recomputes
     "fused_keep": ("fused keep", lambda blocks: _fused(blocks, False)),  # memory_efficient=False
+    "fused_prelu": ("fused prelu", lambda blocks: _fused(blocks, act="prelu")),  # MONAI's act="prelu"
     "torchvision": ("torchvision", _torchvision),  # eager, memory_efficient=False (its default)
 }
 LEGEND = (
     "fused: densenet_fused memory_efficient=True (default; backward recomputes each bottleneck); fused keep: "
-    "memory_efficient=False; torchvision: eager, memory_efficient=False"
+    "memory_efficient=False; fused prelu: act=\"prelu\" (asked for with --impls); torchvision: eager, "
+    "memory_efficient=False"
 )
 
 
@@ -531,7 +533,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-timing", action="store_true", help="counts only")
     parser.add_argument("--out", default=str(RESULTS_DIR / "host_ops.json"))
     parser.add_argument("--count-worker", metavar="JSON", help=argparse.SUPPRESS)
-    parser.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS), help=argparse.SUPPRESS)
+    parser.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS),
+                        help="what to count (default: fused fused_keep torchvision; --quick: fused torchvision)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--densenet121", nargs="*", default=[], choices=list(IMPLS), help=argparse.SUPPRESS)
     parser.add_argument("--layers", nargs=2, type=int, default=list(LAYERS), metavar=("SMALL", "BIG"),

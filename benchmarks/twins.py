@@ -32,12 +32,14 @@ def _replace_norms(model, norm_kwargs):
 
 
 def randomize_affine(model):
-    """Non-trivial BatchNorm (and InstanceNorm) weights and biases (uniform around 1 and 0), so their gradients
-    are checked too."""
-    for norm in model.modules():
-        if isinstance(norm, densenet_fused.norm.NORMS) and norm.affine:
-            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    """Non-trivial BatchNorm (and InstanceNorm) weights and biases (uniform around 1 and 0), and PReLU slopes
+    (uniform in [-1, 1]: negative ones too, which no max pool commutes with), so their gradients are checked too."""
+    for module in model.modules():
+        if isinstance(module, densenet_fused.norm.NORMS) and module.affine:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+        elif type(module) is torch.nn.PReLU:
+            torch.nn.init.uniform_(module.weight, -1.0, 1.0)
     return model
 
 

@@ -1,9 +1,10 @@
 """MONAI's checkpoints and pretrained weights for our DenseNet: MONAI itself is not needed.
 
 A MONAI DenseNet's state_dict and ours differ only in their keys: MONAI nests each dense layer's modules in
-``layers`` and names the classifier ``class_layers.out``; ours (torchvision's) keep them on the layer and call
-it ``classifier``.  ``rename_monai_keys`` is the load_state_dict pre-hook every ``DenseNet`` registers, so that
-``load_state_dict`` takes MONAI's keys as they are (as torchvision's loader renames its legacy DenseNet keys).
+``layers`` and names the classifier ``class_layers.out`` (and a PReLU head ``class_layers.relu``); ours
+(torchvision's) keep them on the layer and call them ``classifier`` (and ``relu5``).  ``rename_monai_keys`` is
+the load_state_dict pre-hook every ``DenseNet`` registers, so that ``load_state_dict`` takes MONAI's keys as they
+are (as torchvision's loader renames its legacy DenseNet keys).
 """
 
 import re
@@ -14,10 +15,12 @@ from torch import nn
 _TO_OURS = [
     (re.compile(r"^(.*\.denselayer\d+)\.layers\.(.+)$"), r"\1.\2"),
     (re.compile(r"^class_layers\.out\."), "classifier."),
+    (re.compile(r"^class_layers\.relu\."), "relu5."),
 ]
 _TO_MONAI = [
-    (re.compile(r"^(.*\.denselayer\d+)\.((?:norm|conv)[12]\..+)$"), r"\1.layers.\2"),
+    (re.compile(r"^(.*\.denselayer\d+)\.((?:norm|relu|conv)[12]\..+)$"), r"\1.layers.\2"),
     (re.compile(r"^classifier\."), "class_layers.out."),
+    (re.compile(r"^relu5\."), "class_layers.relu."),
 ]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import densenet as tv
 
+from . import activation
 from . import norm as bn
 from . import tracing
 from .block.modules import _DenseBlock, _DenseLayer, _Transition, layer_types
@@ -122,12 +123,13 @@ def _fused_layer(layer: nn.Module, path: str) -> _DenseLayer:
     for name in ("norm1", "norm2"):
         _check_norm(getattr(parts, name), f"{prefix}.{name}")
     for name in ("relu1", "relu2"):  # torchvision's and MONAI's; timm's activation sits inside its norms
-        _check_relu(parts._modules.get(name), f"{prefix}.{name}")
+        _check_act(parts._modules.get(name), f"{prefix}.{name}")
     memory_efficient = getattr(layer, "memory_efficient", getattr(layer, "grad_checkpointing", True))
     with torch.device("meta"):
         fused = _DenseLayer(1, 1, 1, drop_rate, memory_efficient, spatial_dims, channel_dropout=channel_dropout)
-    for name in ("norm1", "conv1", "norm2", "conv2"):
-        setattr(fused, name, getattr(parts, name))
+    for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+        if name in parts._modules:
+            setattr(fused, name, getattr(parts, name))
     fused.training = layer.training
     return fused
 
@@ -161,13 +163,16 @@ def _fused_monai_densenet(model: nn.Module, path: str) -> DenseNet:
     plain = plain and type(head.pool) is pool_type and head.pool.output_size in (1, (1,) * spatial_dims)
     if not (plain and type(head.flatten) is nn.Flatten and (head.flatten.start_dim, head.flatten.end_dim) == (1, -1)):
         raise ValueError(f"{path}.class_layers is {head}; the fused DenseNet's head is ReLU, global average, Linear")
-    _check_relu(head.relu, f"{path}.class_layers.relu")
+    _check_act(head.relu, f"{path}.class_layers.relu")
     features = OrderedDict()
     for name, child in model.features.named_children():
         features[name] = _fused(child, f"{path}.features.{name}") or child
+    act = "prelu" if type(head.relu) is nn.PReLU else "relu"  # a PReLU head is our relu5 (a ReLU is F.relu)
     with torch.device("meta"):
-        fused = DenseNet(block_config=(), num_init_features=1, num_classes=1, spatial_dims=spatial_dims)
+        fused = DenseNet(block_config=(), num_init_features=1, num_classes=1, spatial_dims=spatial_dims, act=act)
     fused.features, fused.classifier = nn.Sequential(features), head.out
+    if act == "prelu":
+        fused.relu5 = head.relu
     fused.training, fused.features.training = model.training, model.features.training
     return fused
 
@@ -183,7 +188,7 @@ def _fused_transition(transition: nn.Module, path: str) -> _Transition:
     _check_no_hooks(transition, path)
     spatial_dims = _check_conv(transition.conv, 1, 0, f"{path}.conv")
     _check_norm(transition.norm, f"{path}.norm")
-    _check_relu(transition._modules.get("relu"), f"{path}.relu")
+    _check_act(transition._modules.get("relu"), f"{path}.relu")
     pool, pool_type = transition.pool, layer_types(spatial_dims).avg_pool
     twos = [2, (2,) * spatial_dims]
     exact = type(pool) is pool_type and pool.kernel_size in twos and pool.stride in twos and not pool.ceil_mode
@@ -193,6 +198,8 @@ def _fused_transition(transition: nn.Module, path: str) -> _Transition:
     with torch.device("meta"):
         fused = _Transition(1, 1, spatial_dims)
     fused.norm, fused.conv = transition.norm, transition.conv
+    if "relu" in transition._modules:
+        fused.relu = transition.relu
     fused.training = transition.training
     return fused
 
@@ -221,10 +228,10 @@ def _check_conv(conv: nn.Module, kernel: int, padding: int, path: str) -> int:
     return d
 
 
-def _check_relu(act: nn.Module | None, path: str) -> None:
-    """Raise unless ``act`` (None where the norm holds it, as in timm) is a ReLU."""
-    if act is not None and type(act) is not nn.ReLU:
-        raise ValueError(f"{path} is a {type(act).__name__}; fused blocks apply ReLU")
+def _check_act(act: nn.Module | None, path: str) -> None:
+    """Raise unless ``act`` (None where the norm holds it, as in timm) is a ReLU or a PReLU."""
+    if act is not None and type(act) not in activation.FUSED:
+        raise ValueError(f"{path} is a {type(act).__name__}; fused blocks apply ReLU and PReLU")
 
 
 def _check_norm(norm: nn.Module, path: str) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models import densenet as tv
 from torchvision.models._utils import handle_legacy_interface
 
-from . import _monai_checkpoints, distributed
+from . import _monai_checkpoints, activation, distributed
 from . import norm as bn
 from . import stem_head, tracing
 from .block import unfused
@@ -43,6 +43,8 @@ class DenseNet(nn.Module):
           as in the CIFAR/SVHN networks of Huang et al.; False (default): torchvision's ImageNet stem
         channel_dropout (bool, keyword-only) - if True, dropout zeroes whole channels per sample (F.dropout2d/3d,
           MONAI's choice in 2-D and 3-D); False (default): single values, as torchvision's
+        act (str or tuple, keyword-only) - "relu" (default, torchvision's) or "prelu" (``nn.PReLU`` after every
+          norm, MONAI's spec), or MONAI's ``(name, kwargs)``; a PReLU network has the head's as ``relu5``
 
     ``load_state_dict`` takes a MONAI DenseNet's keys (``denselayerN.layers.*``, ``class_layers.out.*``) as
     well as torchvision's: a load_state_dict pre-hook renames them.
@@ -63,10 +65,11 @@ class DenseNet(nn.Module):
         norm: str | tuple = "batch",
         small_inputs: bool = False,
         channel_dropout: bool = False,
+        act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        norm_layer = norm_factory(spatial_dims, norm)
+        norm_layer, act_layer = norm_factory(spatial_dims, norm), activation.act_factory(act)
         self.spatial_dims = spatial_dims
 
         # First convolution
@@ -80,7 +83,7 @@ class DenseNet(nn.Module):
                     [
                         ("conv0", conv0),
                         ("norm0", norm_layer(num_init_features)),
-                        ("relu0", nn.ReLU(inplace=True)),
+                        ("relu0", act_layer()),
                         ("pool0", types.max_pool(kernel_size=3, stride=2, padding=1)),
                     ]
                 )
@@ -99,16 +102,20 @@ class DenseNet(nn.Module):
                 spatial_dims=spatial_dims,
                 norm=norm,
                 channel_dropout=channel_dropout,
+                act=act,
             )
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
-                trans = _Transition(num_features, num_features // 2, spatial_dims=spatial_dims, norm=norm)
+                trans = _Transition(num_features, num_features // 2, spatial_dims=spatial_dims, norm=norm, act=act)
                 self.features.add_module("transition%d" % (i + 1), trans)
                 num_features = num_features // 2
 
         # Final batch norm
         self.features.add_module("norm5", norm_layer(num_features))
+        head_act = act_layer()
+        if type(head_act) is not nn.ReLU:  # torchvision's head applies F.relu
+            self.relu5 = head_act
 
         # Linear layer
         self.classifier = nn.Linear(num_features, num_classes)
@@ -147,7 +154,8 @@ class DenseNet(nn.Module):
 
         Same layers, initialization and numerics; module names and state_dict keys are torchvision's
         (``load_state_dict`` takes MONAI's keys as well; ``monai_state_dict`` gives them).  The fused blocks
-        apply ReLU only (MONAI's default), with MONAI's "batch" or "instance" norm and its arguments, and
+        apply MONAI's "relu" (its default) or "prelu" ``act``, with MONAI's "batch" or "instance" norm and its
+        arguments, and
         MONAI's dropout: single values in 1-D, whole channels in 2-D and 3-D (``channel_dropout``, drawn as
         MONAI's Dropout2d/3d draw them).  ``pretrained`` and ``progress`` are those of MONAI's
         ``DenseNet121/169/201/264``, the one whose default ``block_config`` this is (``densenet_fused.monai`` has
@@ -181,23 +189,27 @@ class DenseNet(nn.Module):
         if tracing.is_fx_traced(x):  # torch.fx traces through the model, with the blocks as leaves
             return self._head(self.features(x))
         self._check_input(x)
-        stem, head = stem_head.fusable(self.features, self.spatial_dims) if unfused.fusable_input(x) else (False, False)
+        head_act = self._modules.get("relu5")
+        fusable = unfused.fusable_input(x)
+        stem, head = stem_head.fusable(self.features, self.spatial_dims, head_act) if fusable else (False, False)
         if not (stem or head):
             return self._head(self.features(x))
         modules, out = list(self.features), x
         if stem:
-            out = stem_head.norm_relu_max_pool(modules[0](out), modules[1])
+            out = stem_head.norm_relu_max_pool(modules[0](out), modules[1], modules[2])
             modules = modules[4:]
         if head:
             *modules, norm5 = modules
         for module in modules:
             out = module(out)
         if head:
-            return self.classifier(stem_head.norm_relu_mean(out, norm5))
+            return self.classifier(stem_head.norm_relu_mean(out, norm5, head_act))
         return self._head(out)
 
     def _head(self, features: Tensor) -> Tensor:
-        return self.classifier(stem_head.global_avg_pool(F.relu(features, inplace=True), self.spatial_dims))
+        head_act = self._modules.get("relu5")
+        out = F.relu(features, inplace=True) if head_act is None else head_act(features)
+        return self.classifier(stem_head.global_avg_pool(out, self.spatial_dims))
 
     def _check_input(self, x: Tensor) -> None:
         """Reject input the network cannot take before any layer runs (so no running stat moves)."""
@@ -245,10 +257,7 @@ def monai_arguments(
     dropout_prob: float,
 ) -> dict:
     """``DenseNet``'s arguments for MONAI's; ``ValueError`` for what the fused blocks do not compute."""
-    if _monai_layer_spec(act)[0] != "relu":
-        raise ValueError(
-            f"fused dense blocks apply ReLU only: act must be 'relu' or ('relu', {{...}}), got act={act!r}"
-        )
+    activation.act_factory(act)  # before anything is built: ValueError for an activation the blocks do not apply
     return dict(
         growth_rate=growth_rate,
         block_config=tuple(block_config),
@@ -259,6 +268,7 @@ def monai_arguments(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         norm=_monai_layer_spec(norm),
+        act=act,
         channel_dropout=spatial_dims != 1,  # MONAI's Dropout2d/3d; nn.Dropout in 1-D
     )
 

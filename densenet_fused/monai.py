@@ -57,7 +57,7 @@ class DenseNet(models.DenseNet):
     """MONAI's ``DenseNet(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
     bn_size, act, norm, dropout_prob)`` on the fused blocks (``models.DenseNet.from_monai_config``'s network).
 
-    ReLU only (MONAI's default ``act``), MONAI's "batch" or "instance" norm, and MONAI's dropout (whole
+    MONAI's "relu" (its default ``act``) or "prelu", MONAI's "batch" or "instance" norm, and MONAI's dropout (whole
     channels in 2-D and 3-D, single values in 1-D): anything else raises ``ValueError``.  Module names and
     state_dict keys are torchvision's; MONAI's keys load as they are.
     """

@@ -1,4 +1,5 @@
-"""The network's two ends, fused: the stem's norm0 -> relu0 -> pool0 and the head's norm5 -> ReLU -> global average.
+"""The network's two ends, fused: the stem's norm0 -> relu0 -> pool0 and the head's norm5 -> ReLU -> global average
+(or PReLU, as two calls of the ReLU primitives: ``ops.prelu``).
 
 Run as modules, autograd keeps norm0's output, the ReLU's and the max pool's indices beside conv0's output, and
 norm5's output beside the last block's buffer.  Each end here is one custom op (a composite of the ``bn_relu``
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
+from . import activation, distributed
 from .block import layer_types, norm_inputs, unfused
-from .ops import bn_relu, bn_relu_backward
+from .ops import bn_relu, bn_relu_backward, prelu
 from .ops._autograd import bn_autograd
+from .ops._norm_args import NormArgs
 from .ops.bn_relu import bn_relu_reference
 from .ops.layout import empty_like_layout, to_layout_of
 
@@ -95,6 +97,40 @@ def _bn_relu_max_pool_backward(grad, x, mean, invstd, gamma, beta, training):
     return bn_relu_backward(grad_z, x, mean, invstd, gamma, beta, training)
 
 
+def bn_prelu_max_pool_reference(x, mean, invstd, gamma, beta, slope) -> Tensor:
+    """max_pool(prelu(gamma * (x - mean) * invstd + beta, slope)), windows of 3, stride 2, padding 1."""
+    return _max_pool(prelu.bn_prelu_reference(x, mean, invstd, gamma, beta, slope))
+
+
+def _bn_prelu(x, mean, invstd, gamma, beta, slope, training) -> tuple[Tensor, Tensor]:
+    """``ops.prelu.bn_prelu`` by the ``bn_relu`` primitive: (prelu(t), relu(-t))."""
+    norm = NormArgs(mean, invstd, gamma, beta)
+    return prelu.bn_prelu(lambda x, norm: bn_relu(x, *norm[:4], training), x, norm, slope)
+
+
+@torch.library.custom_op("densenet_fused::bn_prelu_max_pool", mutates_args=())
+def bn_prelu_max_pool(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, slope: Tensor,
+                      training: bool) -> Tensor:  # fmt: skip
+    """The stem after conv0 with a PReLU of weight ``slope``: ``bn_prelu_max_pool_reference`` with the
+    ``bn_relu`` primitive (two calls), in x's layout."""
+    return to_layout_of(_max_pool(_bn_prelu(x, mean, invstd, gamma, beta, slope, training)[0]), x)
+
+
+@bn_prelu_max_pool.register_fake
+def _bn_prelu_max_pool_fake(x, mean, invstd, gamma, beta, slope, training):
+    return _bn_relu_max_pool_fake(x, mean, invstd, gamma, beta, training)
+
+
+def _bn_prelu_max_pool_backward(grad, x, mean, invstd, gamma, beta, slope, training):
+    """(grad_x, grad_gamma, grad_beta, grad_slope), with both halves of the PReLU and the pool's indices
+    recomputed from x."""
+    z, negative = _bn_prelu(x, mean, invstd, gamma, beta, slope, training)
+    grad_z = _max_pool_backward(grad, z)
+    del z
+    backward = lambda grad, x, norm, training: bn_relu_backward(grad, x, *norm[:4], training)  # noqa: E731
+    return prelu.bn_prelu_backward(backward, grad_z, x, NormArgs(mean, invstd, gamma, beta), slope, negative, training)
+
+
 @torch.library.custom_op("densenet_fused::bn_relu_mean", mutates_args=())
 def bn_relu_mean(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, training: bool) -> Tensor:
     """The head before the classifier: ``bn_relu_mean_reference`` with the ``bn_relu`` primitive."""
@@ -119,38 +155,51 @@ def _register_autograd(op, reference, kernel_backward) -> None:
 
 _register_autograd(bn_relu_max_pool, bn_relu_max_pool_reference, _bn_relu_max_pool_backward)
 _register_autograd(bn_relu_mean, bn_relu_mean_reference, _bn_relu_mean_backward)
+_register_autograd(bn_prelu_max_pool, bn_prelu_max_pool_reference, _bn_prelu_max_pool_backward)
 
 
-def norm_relu_max_pool(x: Tensor, norm: nn.Module) -> Tensor:
-    """``pool0(relu0(norm0(x)))`` on conv0's output x; backward saves x and the statistics only."""
+def norm_relu_max_pool(x: Tensor, norm: nn.Module, act: nn.Module | None = None) -> Tensor:
+    """``pool0(relu0(norm0(x)))`` on conv0's output x, relu0 (``act``) a ReLU (None too) or a PReLU; backward
+    saves x, the statistics and the parameters only."""
     stats, training, _ = norm_inputs(norm, x, "DenseNet stem")  # fused only unsynchronized (``fusable``)
-    return bn_relu_max_pool(x, *stats, training)
+    slope = activation.slope_of(act, norm)
+    if slope is None:
+        return bn_relu_max_pool(x, *stats, training)
+    return bn_prelu_max_pool(x, *stats, slope.to(stats[0].dtype), training)
 
 
-def norm_relu_mean(x: Tensor, norm: nn.Module) -> Tensor:
-    """``flatten(adaptive_avg_pool(relu(norm5(x)), 1), 1)`` on the last block's buffer x; backward saves x and
-    the statistics only."""
+def norm_relu_mean(x: Tensor, norm: nn.Module, act: nn.Module | None = None) -> Tensor:
+    """``flatten(adaptive_avg_pool(act(norm5(x)), 1), 1)`` on the last block's buffer x, ``act`` a PReLU or ReLU
+    (None: ReLU, torchvision's F.relu); backward saves x, the statistics and the parameters only.  A PReLU's
+    average is that of its two halves (``ops.prelu``)."""
     stats, training, _ = norm_inputs(norm, x, "DenseNet head")
-    return bn_relu_mean(x, *stats, training)
+    out = bn_relu_mean(x, *stats, training)
+    slope = activation.slope_of(act, norm)
+    if slope is None:
+        return out
+    mean, invstd, gamma, beta = stats
+    return out - slope.to(out.dtype) * bn_relu_mean(x, mean, invstd, -gamma, -beta, training)
 
 
-def fusable(features: nn.Module, spatial_dims: int) -> tuple[bool, bool]:
-    """(stem, head): whether ``features[1:4]`` (norm0, relu0, pool0) and ``features[-1]`` (norm5) can run fused.
+def fusable(features: nn.Module, spatial_dims: int, head_act: nn.Module | None = None) -> tuple[bool, bool]:
+    """(stem, head): whether ``features[1:4]`` (norm0, relu0, pool0) and ``features[-1]`` (norm5) with
+    ``head_act`` (the head's activation module, None for torchvision's F.relu) can run fused.
 
     Only the modules torchvision (or MONAI) builds qualify (a BatchNorm or InstanceNorm of that rank, or a
-    SyncBatchNorm computing this process's statistics; nn.ReLU; pool0's max pool), and only where calling them,
-    and ``features``, would run nothing but their forward (``unfused.runs_plain``); hooks keeping an end from
-    being fused warn once, as in the blocks.
+    SyncBatchNorm computing this process's statistics; nn.ReLU or nn.PReLU; pool0's max pool), and only where
+    calling them, and ``features``, would run nothing but their forward (``unfused.runs_plain``); hooks keeping
+    an end from being fused warn once, as in the blocks.
     """
     if type(features) is not nn.Sequential:
         return False, False
     modules, types = list(features), layer_types(spatial_dims)
-    stem = len(modules) >= 4 and _is_norm(modules[1], types) and type(modules[2]) is nn.ReLU
+    stem = len(modules) >= 4 and _is_norm(modules[1], types) and type(modules[2]) in activation.FUSED
     stem = stem and _is_pool0(modules[3], types.max_pool)
-    head = len(modules) > 0 and _is_norm(modules[-1], types)
+    head_act_fused = head_act is None or type(head_act) in activation.FUSED
+    head = len(modules) > 0 and _is_norm(modules[-1], types) and head_act_fused
     plain = unfused.runs_plain
     hooked_stem = stem and not (plain(features) and all(map(plain, modules[1:4])))
-    hooked_head = head and not (plain(features) and plain(modules[-1]))
+    hooked_head = head and not (plain(features) and plain(modules[-1]) and (head_act is None or plain(head_act)))
     if hooked_stem or hooked_head:
         unfused.warn_once(features, "DenseNet.features (its stem and head)")
     return stem and not hooked_stem, head and not hooked_head

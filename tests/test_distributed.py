@@ -7,6 +7,7 @@ does on GPUs.  The local-BatchNorm DDP run is compared with torchvision normaliz
 """
 
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ WORLD = 2
 BATCHES = (3, 2)  # per rank: unequal on purpose, the global count must be all-reduced
 CLASSES = 4
 STEPS = 2
+
+
+PRELU = (partial(densenet_fused.DenseBlock, act="prelu"), partial(densenet_fused.Transition, act="prelu"))
 
 
 def _network(block, transition):
@@ -98,6 +102,8 @@ def _worker(rank, port, folder, steps):
         ddp = _train(nn.parallel.DistributedDataParallel(net), net, x, target, steps, average=False)
         net = nn.SyncBatchNorm.convert_sync_batchnorm(_network(densenet_fused.DenseBlock, densenet_fused.Transition))
         sync = _train(net, net, x, target, steps, average=True)
+        prelu = nn.SyncBatchNorm.convert_sync_batchnorm(_network(*PRELU))
+        sync_prelu = _train(prelu, prelu, x, target, steps, average=True)
         reduced = _all_reduce_sizes(lambda: net(x).sum().backward())
         net[1].denselayer2.norm2 = nn.BatchNorm2d(6).double()  # one local norm among synchronized ones
         try:
@@ -114,7 +120,8 @@ def _worker(rank, port, folder, steps):
             except RuntimeError as error:
                 double.append(str(error))
         torch.save(
-            {"ddp": ddp, "sync": sync, "mixed": mixed, "reduced": reduced, "double": double}, folder / f"rank{rank}.pt"
+            {"ddp": ddp, "sync": sync, "sync_prelu": sync_prelu, "mixed": mixed, "reduced": reduced, "double": double},
+            folder / f"rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
@@ -135,9 +142,10 @@ def runs(tmp_path_factory):
     return {key: [rank[key] for rank in ranks] for key in ranks[0]}
 
 
-def _reference(steps, per_rank):
-    """torchvision's blocks in one process: on the global batch (SyncBatchNorm) or on each rank's part."""
-    net = _network(TorchvisionBlock, TorchvisionTransition)
+def _reference(steps, per_rank, modules=(TorchvisionBlock, TorchvisionTransition)):
+    """torchvision's blocks (or ``modules``) in one process: on the global batch (SyncBatchNorm) or on each
+    rank's part."""
+    net = _network(*modules)
     x, target = _data()
     record = []
     for _ in range(steps):
@@ -180,6 +188,13 @@ def test_ddp_with_fused_blocks_matches_torchvision_per_rank(runs):
 
 def test_sync_batchnorm_in_fused_blocks_equals_global_batch_norm(runs):
     _assert_matches(runs["sync"], _reference(STEPS, per_rank=False))
+
+
+def test_sync_batchnorm_with_prelu_equals_global_batch_norm(runs):
+    """PReLU blocks and transitions (two calls of each kernel, the sync hook on their summed gradients) against
+    the same PReLU network normalizing the global batch in one process (checked against MONAI's in
+    tests/test_prelu.py)."""
+    _assert_matches(runs["sync_prelu"], _reference(STEPS, per_rank=False, modules=PRELU))
 
 
 def test_statistics_of_each_new_channel_are_reduced_once(runs):

@@ -83,10 +83,14 @@ def _with_running_stats(module, shape):
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("memory_efficient,drop_rate", [(True, 0.0), (False, 0.0), (True, 0.4)])
-def test_block_gradgradcheck(train, memory_efficient, drop_rate):
+@pytest.mark.parametrize(
+    "memory_efficient,drop_rate,act", [(True, 0.0, "relu"), (False, 0.0, "relu"), (True, 0.4, "relu"),
+                                       (True, 0.0, "prelu"), (False, 0.0, "prelu")]
+)  # fmt: skip
+def test_block_gradgradcheck(train, memory_efficient, drop_rate, act):
     torch.manual_seed(0)
-    block = randomize_affine(densenet_fused.DenseBlock(2, 3, 1, 2, drop_rate, memory_efficient).double())
+    block = densenet_fused.DenseBlock(2, 3, 1, 2, drop_rate, memory_efficient, act=act)
+    block = randomize_affine(block.double())
     if not train:
         _with_running_stats(block, (4, 3, 3, 3))
     run, params = _functional(block)
@@ -94,10 +98,11 @@ def test_block_gradgradcheck(train, memory_efficient, drop_rate):
     assert gradgradcheck(run, (x, *params), fast_mode=True)
 
 
+@pytest.mark.parametrize("act", ["relu", "prelu"])
 @pytest.mark.parametrize("train", [True, False])
-def test_transition_and_layer_gradgradcheck(train):
+def test_transition_and_layer_gradgradcheck(train, act):
     torch.manual_seed(0)
-    for module in (densenet_fused.Transition(3, 2), densenet_fused.DenseLayer(3, 2, 1, 0.0)):
+    for module in (densenet_fused.Transition(3, 2, act=act), densenet_fused.DenseLayer(3, 2, 1, 0.0, act=act)):
         module = randomize_affine(module.double())
         if not train:
             _with_running_stats(module, (4, 3, 4, 4))

@@ -294,14 +294,17 @@ def modules_truth(block, x):
     return torch.cat(features, 1)
 
 
+@pytest.mark.parametrize("act", ["relu", "prelu"])
 @pytest.mark.parametrize("norm", ["batch", ("instance", {"affine": True})], ids=["batch", "instance"])
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_block_matches_its_modules(backend, layout, rank, norm):
-    """float64, training (forward, input and parameter gradients, running statistics) then eval."""
+def test_block_matches_its_modules(backend, layout, rank, norm, act):
+    """float64, training (forward, input and parameter gradients, running statistics) then eval; a PReLU
+    block (``ops.prelu``: two calls of each ReLU kernel) with slopes of both signs."""
     torch.manual_seed(0)
-    ours = randomize_affine(densenet_fused.DenseBlock(3, 5, 2, 3, 0.0, spatial_dims=rank, norm=norm).double())
+    block = densenet_fused.DenseBlock(3, 5, 2, 3, 0.0, spatial_dims=rank, norm=norm, act=act)
+    ours = randomize_affine(block.double())
     theirs = copy.deepcopy(ours)
     x = in_layout(torch.randn(2, 5, *[(9, 7, 5)[i] for i in range(rank)], dtype=torch.float64), layout)
     grad = in_layout(torch.randn(2, 14, *x.shape[2:], dtype=torch.float64), layout)

@@ -45,10 +45,10 @@ def test_constructor_arguments_match_torchvision():
     theirs = inspect.signature(torchvision.models.DenseNet).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     extra = list(ours)[len(theirs) :]  # our additions are keyword-only, with defaults
-    assert extra == ["spatial_dims", "in_channels", "norm", "small_inputs", "channel_dropout"]
+    assert extra == ["spatial_dims", "in_channels", "norm", "small_inputs", "channel_dropout", "act"]
     assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extra)
     defaults = [ours[name].default for name in extra]
-    assert defaults == [2, 3, "batch", False, False]
+    assert defaults == [2, 3, "batch", False, False, "relu"]
     assert ours["memory_efficient"].default is True
 
 

@@ -94,12 +94,12 @@ def _set(model, path, module):
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: _monai(2, act="prelu"), "relu is a PReLU; fused blocks apply ReLU"),
+        (lambda: _monai(2, act="elu"), "relu is a ELU; fused blocks apply ReLU and PReLU"),
         (lambda: _monai(3, norm=("group", {"num_groups": 2})), "norm1 is a GroupNorm"),
         (lambda: _set(_monai(2), "class_layers.pool", nn.AdaptiveMaxPool2d(1)), "class_layers is"),
         (lambda: nn.Sequential(_monai(2).features.denseblock1.denselayer1), "a MONAI dense layer returns its input"),
     ],
-    ids=["prelu", "group_norm", "max_pool_head", "bare_layer"],
+    ids=["elu", "group_norm", "max_pool_head", "bare_layer"],
 )
 def test_monai_modules_that_cannot_be_fused_raise(make, message):
     with pytest.raises(ValueError, match=message):
@@ -237,10 +237,10 @@ def test_monai_keys_fail_to_load_as_torch_fails(change, strict):
 
 
 @pytest.mark.parametrize("name", ["DenseNet", "DenseNet121"])
-def test_monai_constructors_refuse_prelu_and_take_channel_dropout(name):
+def test_monai_constructors_refuse_other_activations_and_take_channel_dropout(name):
     build = getattr(fused_monai, name)
-    with pytest.raises(ValueError, match=r"apply ReLU only: act must be 'relu'"):
-        build(2, 2, 3, act=("prelu", {"num_parameters": 1}))
+    with pytest.raises(ValueError, match=r"apply act='relu' and act='prelu' .*got act=\('elu', \{'alpha': 0.5\}\)"):
+        build(2, 2, 3, act=("elu", {"alpha": 0.5}))
     net = build(3, 2, 3, init_features=4, growth_rate=2, block_config=(1, 1), dropout_prob=0.2)  # Dropout3d's
     layers = [m for m in net.modules() if isinstance(m, densenet_fused.DenseLayer)]
     assert layers and all(layer.channel_dropout and layer.drop_rate == 0.2 for layer in layers)

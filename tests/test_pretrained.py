@@ -108,11 +108,13 @@ def test_monai_pretrained_loads_what_monai_loads(torch_home, case):
     assert not any(key.startswith("classifier.") for key in loaded)
 
 
-def test_monai_pretrained_trains_like_monai_float64(torch_home):
+@pytest.mark.parametrize("act", ["relu", "prelu"])
+def test_monai_pretrained_trains_like_monai_float64(torch_home, act):
+    """A PReLU network loads what fits too: every weight but its slopes (no ImageNet file has them)."""
     nets = []
     for module in (fused_monai, monai_nets):
         torch.manual_seed(0)
-        net = module.DenseNet121(2, 3, 3, block_config=(2, 2), pretrained=True, progress=False)  # part loaded
+        net = module.DenseNet121(2, 3, 3, block_config=(2, 2), act=act, pretrained=True, progress=False)  # part loaded
         nets.append(net.double())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert_lockstep(*nets, x, torch.tensor([0, 2]), steps=2, rtol=1e-9, atol=1e-9)

@@ -97,8 +97,10 @@ def test_monai_configuration():
     assert one_d.features.denseblock1.denselayer1.drop_rate == 0.1  # MONAI's 1-D dropout is nn.Dropout
     assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 2)
     densenet_fused.DenseNet.from_monai_config(**config, act=("RELU", {"inplace": False}), norm=("batch", {}))
-    with pytest.raises(ValueError, match="apply ReLU only"):
-        densenet_fused.DenseNet.from_monai_config(**config, act="prelu")
+    prelu = densenet_fused.DenseNet.from_monai_config(**config, act="PRELU")  # MONAI's names in any case
+    assert {type(prelu.features.relu0), type(prelu.features.denseblock1.denselayer1.relu2), type(prelu.relu5)} == {nn.PReLU}
+    with pytest.raises(ValueError, match="apply act='relu' and act='prelu'"):
+        densenet_fused.DenseNet.from_monai_config(**config, act="leakyrelu")
     eps = densenet_fused.DenseNet.from_monai_config(**config, norm=("batch", {"eps": 1e-3}))  # MONAI's norm args
     assert all(m.eps == 1e-3 for m in eps.modules() if isinstance(m, nn.BatchNorm3d))
     instance = densenet_fused.DenseNet.from_monai_config(**config, norm="instance")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..ops import prelu
 from ..ops._autograd import as_batch_stats, grad_leaves
 from ..ops.bn_relu import bn_relu_reference
 from ..ops.bn_relu_conv1x1 import bn_relu_conv1x1_reference
@@ -141,16 +142,24 @@ def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params,
     plans, masks = _plans(ctx.plan_args), iter(masks)
     with torch.enable_grad():
         leaves = grad_leaves([buf[:, : sum(ctx.input_channels)], *params])
-        x, layers = leaves[0], _unflatten(leaves[1:])
+        x, layers = leaves[0], _unflatten(leaves[1:], plans)
         for plan, p, (norm1, norm2) in zip(plans, layers, layer_norms(plans, layers, running, mean, var, mean2, var2)):
             m1, is1 = norm1.with_invstd(mean.dtype)[:2]
             if plan.training1:
                 m1, is1 = as_batch_stats(x, m1, is1)
-            bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, p.conv1.flatten(1).to(x.dtype))
+            weight = p.conv1.flatten(1).to(x.dtype)
+            bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, weight)
+            if p.slope1 is not None:  # PReLU: the GEMM of relu(-t) too (ops.prelu)
+                weight = prelu.slope_weight(weight, p.slope1)
+                bottleneck = bottleneck + bn_relu_conv1x1_reference(x, m1, is1, -p.gamma1, -p.beta1, weight)
             m2, is2 = norm2.with_invstd(mean.dtype)[:2]
             if plan.training2:
                 m2, is2 = as_batch_stats(bottleneck, m2, is2)
-            new = conv3x3(bn_relu_reference(bottleneck, m2, is2, p.gamma2, p.beta2), p.conv2)
+            if p.slope2 is None:
+                z2 = bn_relu_reference(bottleneck, m2, is2, p.gamma2, p.beta2)
+            else:
+                z2 = prelu.bn_prelu_reference(bottleneck, m2, is2, p.gamma2, p.beta2, p.slope2)
+            new = conv3x3(z2, p.conv2)
             if plan.drop > 0:
                 new = new * next(masks) * drop_scale(plan.drop)
             x = torch.cat([x, new], 1)

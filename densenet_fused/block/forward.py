@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import norm as bn
+from .. import activation
 from ..ops.layout import acc_dtype, empty_like_layout
 from .autograd import _WRITES_GRADIENTS, _DenseBlockFunction, _EagerDenseBlockFunction, _compiled_autograd_on
 from .inputs import _batch_group, _check_input, _instance
@@ -55,6 +56,7 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
     instance = _instance([norm for layer in layers for norm in (layer.norm1, layer.norm2)], what)
     plans, params, running, batch_norms = [], [], [], []
     for layer, (weight1, weight2) in zip(layers, weights):
+        slope1, slope2 = activation.slope_of(layer.relu1, layer.norm1), activation.slope_of(layer.relu2, layer.norm2)
         plan = _LayerPlan(
             growth=layer.conv2.out_channels,
             width=layer.conv1.out_channels,
@@ -62,6 +64,8 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
             eps1=layer.norm1.eps,
             training2=bn.uses_batch_stats(layer.norm2),
             eps2=layer.norm2.eps,
+            prelu1=slope1 is not None,
+            prelu2=slope2 is not None,
             drop=layer.drop_rate if layer.training else 0.0,
             keep_bottleneck=not layer.memory_efficient,
         )
@@ -74,13 +78,15 @@ def dense_layers_forward(layers: list, inputs: Tensor | list[Tensor], what: str)
         gamma1, beta1 = bn.affine(layer.norm1, acc, x.device)
         gamma2, beta2 = bn.affine(layer.norm2, acc, x.device)
         # conv1's weight as it is (the kernels cast its tiles as autocast would), conv2's for cuDNN (as autocast casts)
-        params.append(_LayerParams(gamma1, beta1, weight1, gamma2, beta2, weight2.to(dtype)))
+        slopes = [None if slope is None else slope.to(acc) for slope in (slope1, slope2)]
+        params.append(_LayerParams(gamma1, beta1, weight1, gamma2, beta2, weight2.to(dtype), *slopes))
     sync, count = None, None
     if batch_norms:
         size = torch.Size([x.size(0), first.norm1.num_features, *x.shape[2:]])
         sync, count = _batch_group(batch_norms, size, x, instance, what)
     masks = _dropout_masks(x, first.conv2.out_channels, plans, layers)
-    params, sizes = _flatten(params), [len(params) * len(_LayerParams._fields), len(running), len(masks)]
+    params = _flatten(params)
+    sizes = [len(params), len(running), len(masks)]
     group, group_count = (None, None) if sync is None else (sync.name, sync.count)
     eager = _WRITES_GRADIENTS and not torch.compiler.is_compiling() and not _compiled_autograd_on()
     function = _EagerDenseBlockFunction if eager else _DenseBlockFunction

@@ -7,10 +7,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import activation, distributed
 from .. import tracing
 from . import unfused
-from ..ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward
+from ..ops import bn_relu_pool_conv1x1, bn_relu_pool_conv1x1_backward, prelu
 from .forward import dense_layers_forward
 from .inputs import _check_input, norm_inputs
 
@@ -60,6 +60,8 @@ class _DenseLayer(nn.Module):
     ``F.dropout``; with ``channel_dropout=True`` (keyword-only, attribute of the same name) it zeroes whole
     channels per sample, as ``F.dropout1d/2d/3d`` (MONAI's ``Dropout2d``/``Dropout3d`` in 2-D and 3-D), with the
     same RNG draws: seeded runs match.  The mask is kept per sample and channel ([N, k]), never per value.
+    ``act`` (keyword-only): "relu" (torchvision's) or "prelu" (``nn.PReLU``, MONAI's spec), see
+    ``activation.act_factory``.
     """
 
     def __init__(
@@ -73,16 +75,17 @@ class _DenseLayer(nn.Module):
         norm: str | tuple = "batch",
         *,
         channel_dropout: bool = False,
+        act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        norm_layer = norm_factory(spatial_dims, norm)
+        norm_layer, act_layer = norm_factory(spatial_dims, norm), activation.act_factory(act)
         self.norm1 = norm_layer(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = act_layer()
         self.conv1 = types.conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
 
         self.norm2 = norm_layer(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.relu2 = act_layer()
         self.conv2 = types.conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
 
         self.drop_rate = float(drop_rate)
@@ -104,7 +107,8 @@ class _DenseLayer(nn.Module):
 class _DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers sharing one feature buffer; returns that buffer.
 
-    ``channel_dropout`` (keyword-only) is its layers': dropout of whole channels instead of single values.
+    ``channel_dropout`` and ``act`` (keyword-only) are its layers': dropout of whole channels instead of single
+    values, and their activation.
     """
 
     _version = 2
@@ -121,6 +125,7 @@ class _DenseBlock(nn.ModuleDict):
         norm: str | tuple = "batch",
         *,
         channel_dropout: bool = False,
+        act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         for i in range(num_layers):
@@ -133,6 +138,7 @@ class _DenseBlock(nn.ModuleDict):
                 spatial_dims=spatial_dims,
                 norm=norm,
                 channel_dropout=channel_dropout,
+                act=act,
             )
             self.add_module("denselayer%d" % (i + 1), layer)
 
@@ -152,15 +158,22 @@ class _DenseBlock(nn.ModuleDict):
 
 
 class _Transition(nn.Sequential):
-    """BN -> ReLU -> 1x1 conv -> 2x2 average pool, run as one fused primitive (pool before conv)."""
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool, run as one fused primitive (pool before conv); with
+    ``act="prelu"`` (keyword-only) as two (``ops.prelu``)."""
 
     def __init__(
-        self, num_input_features: int, num_output_features: int, spatial_dims: int = 2, norm: str | tuple = "batch"
+        self,
+        num_input_features: int,
+        num_output_features: int,
+        spatial_dims: int = 2,
+        norm: str | tuple = "batch",
+        *,
+        act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
         self.norm = norm_factory(spatial_dims, norm)(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = activation.act_factory(act)()
         self.conv = types.conv(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = types.avg_pool(kernel_size=2, stride=2)
 
@@ -177,12 +190,21 @@ class _Transition(nn.Sequential):
             raise ValueError(f"Transition pools by 2 and needs a spatial size of at least 2, got {tuple(input.shape)}")
         # statistics of the input as given (float32 under autocast), as torchvision's norm, which autocast leaves
         # in float32, takes them; then the input in the compute dtype
+        slope = activation.slope_of(self.relu, self.norm)
         stats, training, sync = norm_inputs(self.norm, input, "Transition")
         input = input.to(dtype)
         weight = weight.to(dtype).flatten(1)
-        if sync is None:
-            return bn_relu_pool_conv1x1(input, *stats, weight, training)
-        return _SyncTransitionFunction.apply(sync, input, *stats, weight)
+
+        def fused(stats, weight):
+            if sync is None:
+                return bn_relu_pool_conv1x1(input, *stats, weight, training)
+            return _SyncTransitionFunction.apply(sync, input, *stats, weight)
+
+        out = fused(stats, weight)
+        if slope is None:
+            return out
+        mean, invstd, gamma, beta = stats
+        return out + fused((mean, invstd, -gamma, -beta), prelu.slope_weight(weight, slope))
 
 
 class _SyncTransitionFunction(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """What each layer of a block does in one forward, packed into the block ops' arguments."""
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
@@ -11,7 +11,8 @@ from ..ops._norm_args import NormArgs
 @dataclass(frozen=True)
 class _LayerPlan:
     """What one layer does in this forward: its widths, batch or running statistics per norm (``training``,
-    as in F.batch_norm and the primitives), dropout, and whether backward recomputes the bottleneck."""
+    as in F.batch_norm and the primitives), whether each activation is a PReLU (``prelu``: its slope is in the
+    params, else ReLU), dropout, and whether backward recomputes the bottleneck."""
 
     growth: int
     width: int
@@ -19,12 +20,15 @@ class _LayerPlan:
     eps1: float
     training2: bool
     eps2: float
+    prelu1: bool
+    prelu2: bool
     drop: float
     keep_bottleneck: bool
 
 
 class _LayerParams(NamedTuple):
-    """The differentiable tensors one layer reads: each norm's affine parameters and each conv's weight."""
+    """The differentiable tensors one layer reads: each norm's affine parameters, each conv's weight and each
+    PReLU's slope (None for a ReLU)."""
 
     gamma1: Tensor
     beta1: Tensor
@@ -32,15 +36,23 @@ class _LayerParams(NamedTuple):
     gamma2: Tensor
     beta2: Tensor
     conv2: Tensor
+    slope1: Optional[Tensor] = None
+    slope2: Optional[Tensor] = None
 
 
 def _flatten(params: list[_LayerParams]) -> list[Tensor]:
-    return [t for p in params for t in p]
+    """The tensors of ``params`` in order, without the slopes of ReLUs."""
+    return [t for p in params for t in p if t is not None]
 
 
-def _unflatten(flat: list) -> list[_LayerParams]:
-    n = len(_LayerParams._fields)
-    return [_LayerParams(*flat[i : i + n]) for i in range(0, len(flat), n)]
+def _unflatten(flat: list, plans: list[_LayerPlan]) -> list[_LayerParams]:
+    """``_flatten``'s inverse: the plans say which layers have slopes."""
+    tensors, layers = iter(flat), []
+    for plan in plans:
+        base = [next(tensors) for _ in range(6)]
+        slopes = [next(tensors) if prelu else None for prelu in (plan.prelu1, plan.prelu2)]
+        layers.append(_LayerParams(*base, *slopes))
+    return layers
 
 
 def layer_norms(plans, layers, running, mean, var, mean2, var2) -> list[tuple[NormArgs, NormArgs]]:

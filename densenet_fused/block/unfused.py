@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import activation
+
 _hooks = nn.modules.module
 _warned = weakref.WeakSet()
 _state = threading.local()  # .layers: an unfused block is calling its layers
@@ -71,24 +73,42 @@ def fusable_input(input) -> bool:
 
 
 def runs_fused(module: nn.Module, input) -> bool:
-    """Whether a dense block, layer or transition runs fused on ``input``; warns once if hooks keep it from it."""
+    """Whether a dense block, layer or transition runs fused on ``input``; warns once if hooks, or an activation
+    the fused path does not apply, keep it from it."""
     if not fusable_input(input):
         return False
-    if not (_global_hooks() or _hooks_inside(module)):
+    if _global_hooks() or _hooks_inside(module):
+        why = _HOOKS
+    elif not _activations_fused(module):
+        why = "while an activation inside it is neither nn.ReLU nor nn.PReLU, the two its fused path applies"
+    else:
         return True
-    warn_once(module, f"{type(module).__module__}.{type(module).__qualname__}")
+    warn_once(module, f"{type(module).__module__}.{type(module).__qualname__}", why)
     return False
 
 
-def warn_once(module: nn.Module, name: str) -> None:
-    """Say, once per module, that hooks make ``module`` (called ``name``) run unfused."""
+def _activations_fused(module: nn.Module) -> bool:
+    """Whether the activations (relu, relu1, relu2) of a transition, a layer or a block's layers are all ones the
+    fused path applies (``activation.FUSED``)."""
+    for m in (module, *module._modules.values()):
+        for name in ("relu", "relu1", "relu2"):
+            act = m._modules.get(name) if m is not None else None
+            if act is not None and type(act) not in activation.FUSED:
+                return False
+    return True
+
+
+_HOOKS = "while module hooks are registered on modules inside it (or globally), which its fused path would not call"
+
+
+def warn_once(module: nn.Module, name: str, why: str = _HOOKS) -> None:
+    """Say, once per module, that ``why`` makes ``module`` (called ``name``) run unfused."""
     if module in _warned:
         return
     _warned.add(module)
     warnings.warn(
-        f"{name} runs as its modules, as torchvision's does, while module hooks are registered on modules inside it "
-        "(or globally), which its fused path would not call: its fused path and memory saving are off until they "
-        "are removed"
+        f"{name} runs as its modules, as torchvision's does, {why}: its fused path and memory saving are off until "
+        "that changes"
     )
 
 

@@ -8,8 +8,6 @@ pytest.mark.parametrize, so each case can carry its mark; MONAI's test_script_sa
 Marked cases:
 - test_script: TorchScript is not supported, so scripting must raise the TorchScript error at once (the
   test keeps MONAI's body inside ``pytest.raises``);
-- 2-D cases with PReLU (TEST_CASE_2): strict xfail with the ValueError of an activation the fused kernels do
-  not have (they apply ReLU only; a learnable PReLU slope is not fused);
 - pretrained cases: torch.hub reads torchvision's densenet121 file from a temporary ``TORCH_HOME`` holding a
   generated checkpoint (tests/hub_cache.py, the ``torch_home`` fixture) instead of downloading it.
   test_pretrain_consistency stays skipped: it asserts float32 features bit for bit equal to torchvision's
@@ -32,7 +30,6 @@ eval_mode = pytest.importorskip("monai.networks").eval_mode
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 
-PRELU = pytest.mark.xfail(strict=True, raises=ValueError, reason="PReLU: the fused kernels apply ReLU only")
 BIT_FOR_BIT = pytest.mark.skip(
     reason="asserts float32 features bit for bit equal to torchvision's; the fused kernels sum in another order "
     "(a few float32 roundings apart): tests/test_pretrained.py checks it in float64"
@@ -73,9 +70,9 @@ TEST_CASE_3 = [  # 4-channel 1D, batch 1
 ]
 
 TEST_CASES = []
-for case, marks in [(TEST_CASE_1, []), (TEST_CASE_2, [PRELU]), (TEST_CASE_3, [])]:
+for case in [TEST_CASE_1, TEST_CASE_2, TEST_CASE_3]:
     for model in [DenseNet121, Densenet169, densenet201, DenseNet264]:
-        TEST_CASES.append(pytest.param(model, *case, marks=marks, id=f"{model.__name__}-{case[1]}"))
+        TEST_CASES.append(pytest.param(model, *case, id=f"{model.__name__}-{case[1]}"))
 
 TEST_SCRIPT_CASES = [pytest.param(model, *TEST_CASE_1, id=model.__name__)
                      for model in [DenseNet121, Densenet169, densenet201, DenseNet264]]  # fmt: skip
