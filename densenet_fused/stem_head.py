@@ -102,10 +102,11 @@ def bn_prelu_max_pool_reference(x, mean, invstd, gamma, beta, slope) -> Tensor:
     return _max_pool(prelu.bn_prelu_reference(x, mean, invstd, gamma, beta, slope))
 
 
-def _bn_prelu(x, mean, invstd, gamma, beta, slope, training) -> tuple[Tensor, Tensor]:
-    """``ops.prelu.bn_prelu`` by the ``bn_relu`` primitive: (prelu(t), relu(-t))."""
+def _bn_prelu(x, mean, invstd, gamma, beta, slope, training) -> tuple[Tensor, Tensor, NormArgs, prelu.PReLUArgs]:
+    """``ops.prelu.bn_prelu`` by the ``bn_relu`` primitive: (prelu(t), relu(-t)), and the norm and PReLU."""
     norm = NormArgs(mean, invstd, gamma, beta)
-    return prelu.bn_prelu(lambda x, norm: bn_relu(x, *norm[:4], training), x, norm, slope)
+    (args,) = prelu.prelu_args([norm], [slope])
+    return *prelu.bn_prelu(lambda x, norm: bn_relu(x, *norm[:4], training), x, norm, args), norm, args
 
 
 @torch.library.custom_op("densenet_fused::bn_prelu_max_pool", mutates_args=())
@@ -124,11 +125,11 @@ def _bn_prelu_max_pool_fake(x, mean, invstd, gamma, beta, slope, training):
 def _bn_prelu_max_pool_backward(grad, x, mean, invstd, gamma, beta, slope, training):
     """(grad_x, grad_gamma, grad_beta, grad_slope), with both halves of the PReLU and the pool's indices
     recomputed from x."""
-    z, negative = _bn_prelu(x, mean, invstd, gamma, beta, slope, training)
+    z, negative, norm, args = _bn_prelu(x, mean, invstd, gamma, beta, slope, training)
     grad_z = _max_pool_backward(grad, z)
     del z
     backward = lambda grad, x, norm, training: bn_relu_backward(grad, x, *norm[:4], training)  # noqa: E731
-    return prelu.bn_prelu_backward(backward, grad_z, x, NormArgs(mean, invstd, gamma, beta), slope, negative, training)
+    return prelu.bn_prelu_backward(backward, grad_z, x, norm, args, negative, training)
 
 
 @torch.library.custom_op("densenet_fused::bn_relu_mean", mutates_args=())

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 FORWARD_BUDGET = 8  # host ops per dense layer, forward
 BACKWARD_BUDGET = 12  # host ops per dense layer, backward, the recompute included
+# A PReLU layer (act="prelu", two calls of each ReLU kernel: ops/prelu.py), as measured on 2026-12-05: 12 and 30.5
+PRELU_BUDGET = {"forward": 12, "backward": 30.5}
 PHASES = ("forward", "backward")
 
 
@@ -32,12 +34,12 @@ def _load_benchmark():
 
 @pytest.fixture(scope="module")
 def counts():
-    """{"fused": {...}, "torchvision": {...}} as the benchmark's ``count_impls`` returns them."""
+    """{"fused": {...}, "fused_prelu": {...}, "torchvision": {...}} as the benchmark's ``count_impls`` returns
+    them."""
     # Nets of 1 and 2 layers per block: the same per-layer counts as the benchmark's 2 and 3, in less time.
     benchmark = _load_benchmark()
-    return benchmark.count_in_subprocess(("fused", "torchvision"), layers=(1, 2), densenet121=("torchvision",))[
-        "results"
-    ]
+    impls = ("fused", "fused_prelu", "torchvision")
+    return benchmark.count_in_subprocess(impls, layers=(1, 2), densenet121=("torchvision",))["results"]
 
 
 def test_counter_sees_the_step(counts):
@@ -67,3 +69,13 @@ def test_per_layer_budget(counts):
     for p in PHASES:
         assert mine[p]["layer_ops"] == 0, summary
         assert mine[p]["host_ops"] <= tv[p]["host_ops"], summary
+
+
+def test_prelu_per_layer_budget(counts):
+    """A PReLU layer stays within what it was measured at (``PRELU_BUDGET``), with no per-layer custom-op
+    dispatch: a regression in its glue ops breaks this."""
+    mine = counts["fused_prelu"]["per_layer"]
+    summary = {p: mine[p]["host_ops"] for p in PHASES}
+    for p in PHASES:
+        assert mine[p]["host_ops"] <= PRELU_BUDGET[p], summary
+        assert mine[p]["layer_ops"] == 0, summary

@@ -150,7 +150,7 @@ def _differentiable_backward(ctx, grad_buf, buf, mean, var, mean2, var2, params,
             weight = p.conv1.flatten(1).to(x.dtype)
             bottleneck = bn_relu_conv1x1_reference(x, m1, is1, p.gamma1, p.beta1, weight)
             if p.slope1 is not None:  # PReLU: the GEMM of relu(-t) too (ops.prelu)
-                weight = prelu.slope_weight(weight, p.slope1)
+                weight = prelu.slope_weight(weight, -p.slope1)
                 bottleneck = bottleneck + bn_relu_conv1x1_reference(x, m1, is1, -p.gamma1, -p.beta1, weight)
             m2, is2 = norm2.with_invstd(mean.dtype)[:2]
             if plan.training2:

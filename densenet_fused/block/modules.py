@@ -204,7 +204,7 @@ class _Transition(nn.Sequential):
         if slope is None:
             return out
         mean, invstd, gamma, beta = stats
-        return out + fused((mean, invstd, -gamma, -beta), prelu.slope_weight(weight, slope))
+        return out + fused((mean, invstd, -gamma, -beta), prelu.slope_weight(weight, -slope))
 
 
 class _SyncTransitionFunction(torch.autograd.Function):

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from .. import distributed
 from ..backends import layer_kernels
-from ..ops import prelu
 from ..ops.layout import acc_dtype, empty_like_layout
-from .plan import _PLAN_SCHEMA, _flatten, _LayerParams, layer_norms, _plans, _unflatten
+from ..ops.prelu import add_slope_weight_, bn_prelu, bn_prelu_backward, slope_grad, slope_weight
+from .plan import _PLAN_SCHEMA, _flatten, _LayerParams, layer_norms, layer_prelus, _plans, _unflatten
 
 
 def conv3x3(z: Tensor, weight: Tensor) -> Tensor:
@@ -37,42 +37,43 @@ def drop_scale(drop: float) -> float:
     return 1.0 / (1.0 - drop) if drop < 1 else 0.0
 
 
-def _conv1x1(kernels, x: Tensor, norm, weight: Tensor, slope, stats=None) -> Tensor:
-    """BN -> ReLU -> 1x1 conv of x, and its statistics into ``stats``; with a PReLU ``slope``, the sum of the
-    GEMMs of relu(t) and relu(-t) (``ops.prelu``), its statistics from a pass over it in place."""
-    if slope is None:
+def _conv1x1(kernels, x: Tensor, norm, weight: Tensor, prelu, stats=None) -> Tensor:
+    """BN -> ReLU -> 1x1 conv of x, and its statistics into ``stats``; with ``prelu`` (``ops.prelu.PReLUArgs``)
+    the sum of the GEMMs of relu(t) and relu(-t), its statistics from a pass over it in place."""
+    if prelu is None:
         return kernels.conv1x1(x, norm, weight, stats)
     out = kernels.conv1x1(x, norm, weight)
-    out += kernels.conv1x1(x, prelu.negated(norm), prelu.slope_weight(weight, slope))
+    out += kernels.conv1x1(x, prelu.negated, slope_weight(weight, prelu.neg_slope))
     if stats is not None:
         kernels.copy(out, out, stats)
     return out
 
 
-def _bn_act(kernels, x: Tensor, norm, slope) -> tuple[Tensor, Tensor | None]:
+def _bn_act(kernels, x: Tensor, norm, prelu) -> tuple[Tensor, Tensor | None]:
     """(BN -> ReLU or PReLU of x, and for a PReLU relu(-t), which its backward needs)."""
-    if slope is None:
+    if prelu is None:
         return kernels.bn_relu(x, norm), None
-    return prelu.bn_prelu(kernels.bn_relu, x, norm, slope)
+    return bn_prelu(kernels.bn_relu, x, norm, prelu)
 
 
-def _bn_act_backward(kernels, grad_z, x, norm, slope, negative, training: bool) -> tuple:
+def _bn_act_backward(kernels, grad_z, x, norm, prelu, negative, training: bool) -> tuple:
     """(grad_x, grad_gamma, grad_beta, grad_slope or None) of ``_bn_act``."""
-    if slope is None:
+    if prelu is None:
         return *kernels.bn_relu_backward(grad_z, x, norm, training), None
-    return prelu.bn_prelu_backward(kernels.bn_relu_backward, grad_z, x, norm, slope, negative, training)
+    return bn_prelu_backward(kernels.bn_relu_backward, grad_z, x, norm, prelu, negative, training)
 
 
-def _conv1x1_backward(kernels, grad_y, x, norm, weight, slope, grad_buffer, training: bool) -> tuple:
+def _conv1x1_backward(kernels, grad_y, x, norm, weight, prelu, grad_buffer, training: bool) -> tuple:
     """(grad_weight, grad_gamma, grad_beta, grad_slope or None) of ``_conv1x1``; x's gradient is added into
     ``grad_buffer``."""
-    grads = kernels.conv1x1_backward(grad_y, x, norm, weight, grad_buffer, training)
-    if slope is None:
-        return *grads, None
-    second_weight = prelu.slope_weight(weight, slope)
-    second = kernels.conv1x1_backward(grad_y, x, prelu.negated(norm), second_weight, grad_buffer, training)
-    grad_weight, grad_slope = prelu.weight_and_slope_grads(grads[0], second[0], weight, slope)
-    return grad_weight, grads[1] - second[1], grads[2] - second[2], grad_slope
+    grad_weight, grad_gamma, grad_beta = kernels.conv1x1_backward(grad_y, x, norm, weight, grad_buffer, training)
+    if prelu is None:
+        return grad_weight, grad_gamma, grad_beta, None
+    second_weight = slope_weight(weight, prelu.neg_slope)
+    second = kernels.conv1x1_backward(grad_y, x, prelu.negated, second_weight, grad_buffer, training)
+    torch._foreach_sub_([grad_gamma, grad_beta], list(second[1:]))
+    grad_slope = slope_grad(second[0], weight, prelu.neg_slope)  # a's part in -W diag(a)
+    return add_slope_weight_(grad_weight, second[0], prelu.neg_slope), grad_gamma, grad_beta, grad_slope
 
 
 def _channels(stats: Tensor, start: int, stop: int) -> Tensor:
@@ -116,11 +117,12 @@ def dense_block(inputs, params, running, masks, *plan_args_block):
         kernels.copy(x, buf[:, start : start + x.size(1)], stats(start, start + x.size(1)))
         start += x.size(1)
     masks, bottlenecks = iter(masks), []
-    for l, (plan, p, (norm1, norm2)) in enumerate(zip(plans, layers, layer_norms(plans, layers, running, mean, var, mean2, var2))):
+    norms = layer_norms(plans, layers, running, mean, var, mean2, var2)
+    for l, (plan, p, (norm1, norm2), (prelu1, prelu2)) in enumerate(zip(plans, layers, norms, layer_prelus(layers, norms))):
         c = c0 + l * growth
         stats2 = (mean2[l], var2[l]) if plan.training2 else None
-        bottleneck = _conv1x1(kernels, buf[:, :c], norm1, p.conv1, p.slope1, stats2)
-        new = conv3x3(_bn_act(kernels, bottleneck, norm2, p.slope2)[0], p.conv2)
+        bottleneck = _conv1x1(kernels, buf[:, :c], norm1, p.conv1, prelu1, stats2)
+        new = conv3x3(_bn_act(kernels, bottleneck, norm2, prelu2)[0], p.conv2)
         keep = next(masks).expand(new.shape) if plan.drop > 0 else None  # a channel mask: zero strides
         kernels.copy(new, buf[:, c : c + growth], stats(c, c + growth), keep, drop_scale(plan.drop) if plan.drop > 0 else 1.0)
         if plan.keep_bottleneck:
@@ -175,30 +177,31 @@ def dense_block_backward_(grad_buffer, buf, mean, var, mean2, var2, params, runn
     sync = distributed.BatchNormSync.named(group, count)
     kernels = layer_kernels(buf, instance, sync)
     norms = layer_norms(plans, layers, running, mean, var, mean2, var2)
+    prelus = layer_prelus(layers, norms)
     growth = plans[0].growth
     c0 = buf.size(1) - len(plans) * growth
     masks, bottlenecks = list(masks), list(bottlenecks)
     grads = []
     for l in reversed(range(len(plans))):
-        plan, p, (norm1, norm2), c = plans[l], layers[l], norms[l], c0 + l * growth
+        plan, p, (norm1, norm2), (prelu1, prelu2), c = plans[l], layers[l], norms[l], prelus[l], c0 + l * growth
         x = buf[:, :c]
-        bottleneck = bottlenecks.pop() if plan.keep_bottleneck else _conv1x1(kernels, x, norm1, p.conv1, p.slope1)
+        bottleneck = bottlenecks.pop() if plan.keep_bottleneck else _conv1x1(kernels, x, norm1, p.conv1, prelu1)
         grad_new = grad_buffer[:, c : c + growth]
         if plan.drop > 0:
             grad_new = grad_new * masks.pop() * drop_scale(plan.drop)
-        z2, negative = _bn_act(kernels, bottleneck, norm2, p.slope2)
+        z2, negative = _bn_act(kernels, bottleneck, norm2, prelu2)
         grad_z2, grad_w2 = _conv3x3_backward(grad_new, z2, p.conv2)
         del z2, grad_new
         # Synchronized norms run the eval formula here and get the group's training terms after it.
         local = sync is None
         grad_bottleneck, grad_g2, grad_b2, grad_a2 = _bn_act_backward(
-            kernels, grad_z2, bottleneck, norm2, p.slope2, negative, plan.training2 and local
+            kernels, grad_z2, bottleneck, norm2, prelu2, negative, plan.training2 and local
         )
         if plan.training2 and not local:
             sync.backward_(grad_bottleneck, bottleneck, *norm2.with_invstd(mean.dtype)[:3], grad_b2, grad_g2)
         del grad_z2, negative, bottleneck
         grad_w1, grad_g1, grad_b1, grad_a1 = _conv1x1_backward(
-            kernels, grad_bottleneck, x, norm1, p.conv1, p.slope1, grad_buffer, plan.training1 and local
+            kernels, grad_bottleneck, x, norm1, p.conv1, prelu1, grad_buffer, plan.training1 and local
         )
         del grad_bottleneck  # before the next layer's recompute: it would be live at that layer's peak
         if plan.training1 and not local:

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from ..ops._norm_args import NormArgs
+from ..ops.prelu import prelu_args
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ def layer_norms(plans, layers, running, mean, var, mean2, var2) -> list[tuple[No
         second = (next(stats), next(stats)) if not plan.training2 else (mean2[l], var2[l])
         norms.append((NormArgs(*first, p.gamma1, p.beta1, plan.eps1), NormArgs(*second, p.gamma2, p.beta2, plan.eps2)))
     return norms
+
+
+def layer_prelus(layers, norms) -> list[list]:
+    """Per layer, the ``ops.prelu.PReLUArgs`` of its two activations after ``norms`` (``layer_norms``), None for
+    a ReLU: one op negates them for the whole block."""
+    found = [(l, i) for l, p in enumerate(layers) for i in (0, 1) if (p.slope1, p.slope2)[i] is not None]
+    args = prelu_args([norms[l][i] for l, i in found], [(layers[l].slope1, layers[l].slope2)[i] for l, i in found])
+    prelus = [[None, None] for _ in layers]
+    for (l, i), prelu in zip(found, args):
+        prelus[l][i] = prelu
+    return prelus
 
 
 _PLAN_FIELDS = tuple(f.name for f in fields(_LayerPlan))

@@ -1,6 +1,6 @@
 """PReLU after a norm, from the BN -> ReLU primitives: no kernel of its own.
 
-prelu(t) = relu(t) - a * relu(-t), and relu(-t) is BN -> ReLU with -gamma and -beta (``negated``).  So each
+prelu(t) = relu(t) - a * relu(-t), and relu(-t) is BN -> ReLU with -gamma and -beta (``PReLUArgs``).  So each
 fused BN -> ReLU primitive computes BN -> PReLU in two calls: an output that follows a linear map (the 1x1
 conv, the transition's pool and conv, the head's average) as the sum of two calls, the second with the weight
 ``slope_weight`` (-W diag(a)); an output that does not (the stem's max pool) as ``bn_prelu``.  Their
@@ -9,6 +9,9 @@ included, so the two input gradients add up to PReLU's, and the slope's gradient
 Nothing is stored: backward recomputes both halves from x, as it recomputes the ReLU.
 """
 
+from typing import NamedTuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -17,46 +20,64 @@ from ._norm_args import NormArgs
 from .layout import broadcast
 
 
-def negated(norm: NormArgs) -> NormArgs:
-    """The norm whose ReLU is relu(-t): gamma and beta negated."""
-    return norm._replace(gamma=-norm.gamma, beta=-norm.beta)
+class PReLUArgs(NamedTuple):
+    """A PReLU after a norm as the ReLU kernels take it: ``negated``, the norm whose ReLU is relu(-t) (gamma and
+    beta negated), and ``neg_slope``, -a ([1] or one per channel)."""
+
+    negated: NormArgs
+    neg_slope: Tensor
 
 
-def _channel_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
+def prelu_args(norms: list[NormArgs], slopes: list[Tensor]) -> list[PReLUArgs]:
+    """The ``PReLUArgs`` of PReLUs with these slopes after these norms (one foreach op negates them all)."""
+    if not norms:  # ReLUs only
+        return []
+    negated = torch._foreach_neg([t for norm, slope in zip(norms, slopes) for t in (norm.gamma, norm.beta, slope)])
+    parts = zip(norms, negated[0::3], negated[1::3], negated[2::3])
+    return [PReLUArgs(norm._replace(gamma=gamma, beta=beta), neg_slope) for norm, gamma, beta, neg_slope in parts]
 
 
-def bn_prelu(bn_relu, x: Tensor, norm: NormArgs, slope: Tensor) -> tuple[Tensor, Tensor]:
-    """(prelu(t), relu(-t)) in x's dtype and layout for t the norm of x, by two calls of ``bn_relu(x, norm)``;
-    ``slope`` is PReLU's weight, [1] or [C]."""
-    negative = bn_relu(x, negated(norm))
-    return bn_relu(x, norm) - negative * broadcast(slope, x).to(x.dtype), negative
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    return broadcast(v, x).to(x.dtype)
 
 
-def bn_prelu_backward(bn_relu_backward, grad_z: Tensor, x: Tensor, norm: NormArgs, slope: Tensor, negative: Tensor,
-                      training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def bn_prelu(bn_relu, x: Tensor, norm: NormArgs, prelu: PReLUArgs) -> tuple[Tensor, Tensor]:
+    """(prelu(t), relu(-t)) in x's dtype and layout for t the norm of x, by two calls of ``bn_relu(x, norm)``."""
+    z, negative = bn_relu(x, norm), bn_relu(x, prelu.negated)
+    return z.addcmul_(negative, _per_channel(prelu.neg_slope, x)), negative
+
+
+def bn_prelu_backward(bn_relu_backward, grad_z: Tensor, x: Tensor, norm: NormArgs, prelu: PReLUArgs,
+                      negative: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(grad_x, grad_gamma, grad_beta, grad_slope) of ``bn_prelu`` by two calls of ``bn_relu_backward(grad, x,
     norm, training)``; ``negative`` is relu(-t), which ``bn_prelu`` returned."""
     grad_x, grad_gamma, grad_beta = bn_relu_backward(grad_z, x, norm, training)
-    grad_negative = grad_z * broadcast(-slope, x).to(grad_z.dtype)
-    grad_x2, grad_gamma2, grad_beta2 = bn_relu_backward(grad_negative, x, negated(norm), training)
-    grad_slope = -(grad_z.to(slope.dtype) * negative).sum(_channel_dims(x)).sum_to_size(slope.shape)
-    return grad_x + grad_x2, grad_gamma - grad_gamma2, grad_beta - grad_beta2, grad_slope
+    second = bn_relu_backward(grad_z * _per_channel(prelu.neg_slope, grad_z), x, prelu.negated, training)
+    torch._foreach_sub_([grad_gamma, grad_beta], list(second[1:]))
+    return grad_x.add_(second[0]), grad_gamma, grad_beta, slope_grad(grad_z, negative, prelu.neg_slope)
 
 
-def slope_weight(weight: Tensor, slope: Tensor) -> Tensor:
-    """-W diag(a): the weight [B, C, ...] that a linear map applies to relu(-t) so that the two calls sum to W
-    applied to prelu(t)."""
-    return weight * -slope.view(1, -1, *[1] * (weight.dim() - 2)).to(weight.dtype)
+def slope_grad(grad: Tensor, negative: Tensor, neg_slope: Tensor) -> Tensor:
+    """-sum(grad * negative) per channel (over everything for a single slope), shaped and typed as the slope:
+    the slope's gradient for relu(-t) = ``negative``, and for the weight -W diag(a) with ``grad`` its gradient
+    and ``negative`` W."""
+    dims = list(range(grad.dim())) if neg_slope.numel() == 1 else [0, *range(2, grad.dim())]
+    return torch.mul(grad, negative).sum(dims, dtype=neg_slope.dtype).neg_().view(neg_slope.shape)
 
 
-def weight_and_slope_grads(grad_weight: Tensor, grad_second: Tensor, weight: Tensor,
-                           slope: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(grad W, grad a) from the gradients of W (first call) and of ``slope_weight(W, a)`` (second call)."""
-    grad_weight = grad_weight + slope_weight(grad_second, slope)
-    dims = [0, *range(2, weight.dim())]
-    grad_slope = -(grad_second * weight).sum(dims).to(slope.dtype).sum_to_size(slope.shape)
-    return grad_weight, grad_slope
+def _input_channels(neg_slope: Tensor, weight: Tensor) -> Tensor:
+    return neg_slope.view(1, -1, *[1] * (weight.dim() - 2)).to(weight.dtype)
+
+
+def slope_weight(weight: Tensor, neg_slope: Tensor) -> Tensor:
+    """-W diag(a) (``neg_slope`` is -a): the weight [B, C, ...] that a linear map applies to relu(-t), so that
+    the two calls sum to W applied to prelu(t)."""
+    return weight * _input_channels(neg_slope, weight)
+
+
+def add_slope_weight_(out: Tensor, weight: Tensor, neg_slope: Tensor) -> Tensor:
+    """``out += slope_weight(weight, neg_slope)`` in one op: W's gradient from that of -W diag(a)."""
+    return out.addcmul_(weight, _input_channels(neg_slope, weight))
 
 
 def bn_prelu_reference(x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, slope: Tensor) -> Tensor:
