@@ -128,8 +128,10 @@ def _bn_prelu_max_pool_backward(grad, x, mean, invstd, gamma, beta, slope, train
     z, negative, norm, args = _bn_prelu(x, mean, invstd, gamma, beta, slope, training)
     grad_z = _max_pool_backward(grad, z)
     del z
+    grad_slope = prelu.slope_grad(grad_z, negative, args.neg_slope)
+    del negative
     backward = lambda grad, x, norm, training: bn_relu_backward(grad, x, *norm[:4], training)  # noqa: E731
-    return prelu.bn_prelu_backward(backward, grad_z, x, norm, args, negative, training)
+    return *prelu.bn_prelu_backward(backward, grad_z, x, norm, args, training), grad_slope
 
 
 @torch.library.custom_op("densenet_fused::bn_relu_mean", mutates_args=())

@@ -56,11 +56,11 @@ def _bn_act(kernels, x: Tensor, norm, prelu) -> tuple[Tensor, Tensor | None]:
     return bn_prelu(kernels.bn_relu, x, norm, prelu)
 
 
-def _bn_act_backward(kernels, grad_z, x, norm, prelu, negative, training: bool) -> tuple:
-    """(grad_x, grad_gamma, grad_beta, grad_slope or None) of ``_bn_act``."""
+def _bn_act_backward(kernels, grad_z, x, norm, prelu, training: bool) -> tuple:
+    """(grad_x, grad_gamma, grad_beta) of ``_bn_act``; a PReLU's overwrites grad_z."""
     if prelu is None:
-        return *kernels.bn_relu_backward(grad_z, x, norm, training), None
-    return bn_prelu_backward(kernels.bn_relu_backward, grad_z, x, norm, prelu, negative, training)
+        return kernels.bn_relu_backward(grad_z, x, norm, training)
+    return bn_prelu_backward(kernels.bn_relu_backward, grad_z, x, norm, prelu, training)
 
 
 def _conv1x1_backward(kernels, grad_y, x, norm, weight, prelu, grad_buffer, training: bool) -> tuple:
@@ -192,14 +192,16 @@ def dense_block_backward_(grad_buffer, buf, mean, var, mean2, var2, params, runn
         z2, negative = _bn_act(kernels, bottleneck, norm2, prelu2)
         grad_z2, grad_w2 = _conv3x3_backward(grad_new, z2, p.conv2)
         del z2, grad_new
+        grad_a2 = None if prelu2 is None else slope_grad(grad_z2, negative, prelu2.neg_slope)
+        del negative  # before the BatchNorm backward's transients
         # Synchronized norms run the eval formula here and get the group's training terms after it.
         local = sync is None
-        grad_bottleneck, grad_g2, grad_b2, grad_a2 = _bn_act_backward(
-            kernels, grad_z2, bottleneck, norm2, prelu2, negative, plan.training2 and local
+        grad_bottleneck, grad_g2, grad_b2 = _bn_act_backward(
+            kernels, grad_z2, bottleneck, norm2, prelu2, plan.training2 and local
         )
         if plan.training2 and not local:
             sync.backward_(grad_bottleneck, bottleneck, *norm2.with_invstd(mean.dtype)[:3], grad_b2, grad_g2)
-        del grad_z2, negative, bottleneck
+        del grad_z2, bottleneck
         grad_w1, grad_g1, grad_b1, grad_a1 = _conv1x1_backward(
             kernels, grad_bottleneck, x, norm1, p.conv1, prelu1, grad_buffer, plan.training1 and local
         )

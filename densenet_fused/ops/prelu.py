@@ -48,13 +48,14 @@ def bn_prelu(bn_relu, x: Tensor, norm: NormArgs, prelu: PReLUArgs) -> tuple[Tens
 
 
 def bn_prelu_backward(bn_relu_backward, grad_z: Tensor, x: Tensor, norm: NormArgs, prelu: PReLUArgs,
-                      negative: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(grad_x, grad_gamma, grad_beta, grad_slope) of ``bn_prelu`` by two calls of ``bn_relu_backward(grad, x,
-    norm, training)``; ``negative`` is relu(-t), which ``bn_prelu`` returned."""
+                      training: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(grad_x, grad_gamma, grad_beta) of ``bn_prelu`` by two calls of ``bn_relu_backward(grad, x, norm,
+    training)``, overwriting ``grad_z`` (no more memory than ReLU's backward but the second input gradient);
+    the slope's is ``slope_grad(grad_z, relu(-t), neg_slope)``, to take before."""
     grad_x, grad_gamma, grad_beta = bn_relu_backward(grad_z, x, norm, training)
-    second = bn_relu_backward(grad_z * _per_channel(prelu.neg_slope, grad_z), x, prelu.negated, training)
+    second = bn_relu_backward(grad_z.mul_(_per_channel(prelu.neg_slope, grad_z)), x, prelu.negated, training)
     torch._foreach_sub_([grad_gamma, grad_beta], list(second[1:]))
-    return grad_x.add_(second[0]), grad_gamma, grad_beta, slope_grad(grad_z, negative, prelu.neg_slope)
+    return grad_x.add_(second[0]), grad_gamma, grad_beta
 
 
 def slope_grad(grad: Tensor, negative: Tensor, neg_slope: Tensor) -> Tensor:
