@@ -10,11 +10,11 @@ from torch import Tensor, nn
 from torchvision.models import densenet as tv
 from torchvision.models._utils import handle_legacy_interface
 
-from . import _monai_checkpoints, activation, distributed
+from . import _monai_checkpoints, distributed
 from . import norm as bn
 from . import stem_head, tracing
 from .block import unfused
-from .block.modules import _DenseBlock, _Transition, layer_types, norm_factory
+from .block.modules import _DenseBlock, _Transition, act_factory, layer_types, norm_factory
 
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
@@ -69,7 +69,7 @@ class DenseNet(nn.Module):
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        norm_layer, act_layer = norm_factory(spatial_dims, norm), activation.act_factory(act)
+        norm_layer, act_layer = norm_factory(spatial_dims, norm), act_factory(act)
         self.spatial_dims = spatial_dims
 
         # First convolution
@@ -257,7 +257,7 @@ def monai_arguments(
     dropout_prob: float,
 ) -> dict:
     """``DenseNet``'s arguments for MONAI's; ``ValueError`` for what the fused blocks do not compute."""
-    activation.act_factory(act)  # before anything is built: ValueError for an activation the blocks do not apply
+    act_factory(act)  # before anything is built: ValueError for an activation the blocks do not apply
     return dict(
         growth_rate=growth_rate,
         block_config=tuple(block_config),

@@ -40,17 +40,39 @@ def layer_types(spatial_dims: int) -> LayerTypes:
     return _LAYER_TYPES[spatial_dims]
 
 
+def _layer_spec(spec, names) -> tuple[str, dict] | None:
+    """MONAI's layer spec ``name`` or ``(name, kwargs)`` as (lower-case name, kwargs), or None unless it is one
+    of ``names``."""
+    spec = (spec, {}) if isinstance(spec, str) else spec
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], dict)
+            and isinstance(spec[0], str) and spec[0].lower() in names):  # fmt: skip
+        return None
+    return spec[0].lower(), dict(spec[1])
+
+
 def norm_factory(spatial_dims: int, norm: str | tuple = "batch"):
     """``num_features -> norm module`` for a norm spec: "batch" (BatchNorm, torchvision's) or "instance"
     (InstanceNorm, with torch's defaults as MONAI uses them), alone or as MONAI's ``(name, kwargs)``."""
     types = layer_types(spatial_dims)
     classes = {"batch": types.norm, "instance": types.instance_norm}
-    spec = (norm, {}) if isinstance(norm, str) else norm
-    if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], dict)
-            and isinstance(spec[0], str) and spec[0].lower() in classes):  # fmt: skip
+    spec = _layer_spec(norm, classes)
+    if spec is None:
         raise ValueError(f"the fused blocks implement norm='batch' and norm='instance', got norm={norm!r}")
-    return partial(classes[spec[0].lower()], **spec[1])
+    return partial(classes[spec[0]], **spec[1])
 
+
+def act_factory(act: str | tuple = "relu"):
+    """``() -> activation module`` for an activation spec: "relu" (torchvision's in-place ReLU) or "prelu"
+    (``nn.PReLU``: one learnable slope, or ``num_parameters`` of them), alone or as MONAI's ``(name, kwargs)``
+    (the kwargs go to the module, as MONAI's ``get_act_layer`` passes them)."""
+    classes = {"relu": nn.ReLU, "prelu": nn.PReLU}
+    spec = _layer_spec(act, classes)
+    if spec is None:
+        raise ValueError(
+            f"the fused blocks apply act='relu' and act='prelu' (or MONAI's (name, kwargs)), got act={act!r}"
+        )
+    name, kwargs = spec
+    return partial(classes[name], **({"inplace": True, **kwargs} if name == "relu" else kwargs))
 
 
 class _DenseLayer(nn.Module):
@@ -61,7 +83,7 @@ class _DenseLayer(nn.Module):
     channels per sample, as ``F.dropout1d/2d/3d`` (MONAI's ``Dropout2d``/``Dropout3d`` in 2-D and 3-D), with the
     same RNG draws: seeded runs match.  The mask is kept per sample and channel ([N, k]), never per value.
     ``act`` (keyword-only): "relu" (torchvision's) or "prelu" (``nn.PReLU``, MONAI's spec), see
-    ``activation.act_factory``.
+    ``act_factory``.
     """
 
     def __init__(
@@ -79,7 +101,7 @@ class _DenseLayer(nn.Module):
     ) -> None:
         super().__init__()
         types = layer_types(spatial_dims)
-        norm_layer, act_layer = norm_factory(spatial_dims, norm), activation.act_factory(act)
+        norm_layer, act_layer = norm_factory(spatial_dims, norm), act_factory(act)
         self.norm1 = norm_layer(num_input_features)
         self.relu1 = act_layer()
         self.conv1 = types.conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
@@ -173,7 +195,7 @@ class _Transition(nn.Sequential):
         super().__init__()
         types = layer_types(spatial_dims)
         self.norm = norm_factory(spatial_dims, norm)(num_input_features)
-        self.relu = activation.act_factory(act)()
+        self.relu = act_factory(act)()
         self.conv = types.conv(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = types.avg_pool(kernel_size=2, stride=2)
 

@@ -41,6 +41,9 @@ class _LayerParams(NamedTuple):
     slope2: Optional[Tensor] = None
 
 
+_WITHOUT_SLOPES = len(_LayerParams._fields) - 2  # the tensors every layer has
+
+
 def _flatten(params: list[_LayerParams]) -> list[Tensor]:
     """The tensors of ``params`` in order, without the slopes of ReLUs."""
     return [t for p in params for t in p if t is not None]
@@ -50,7 +53,7 @@ def _unflatten(flat: list, plans: list[_LayerPlan]) -> list[_LayerParams]:
     """``_flatten``'s inverse: the plans say which layers have slopes."""
     tensors, layers = iter(flat), []
     for plan in plans:
-        base = [next(tensors) for _ in range(6)]
+        base = [next(tensors) for _ in range(_WITHOUT_SLOPES)]
         slopes = [next(tensors) if prelu else None for prelu in (plan.prelu1, plan.prelu2)]
         layers.append(_LayerParams(*base, *slopes))
     return layers
@@ -72,10 +75,11 @@ def layer_norms(plans, layers, running, mean, var, mean2, var2) -> list[tuple[No
 def layer_prelus(layers, norms) -> list[list]:
     """Per layer, the ``ops.prelu.PReLUArgs`` of its two activations after ``norms`` (``layer_norms``), None for
     a ReLU: one op negates them for the whole block."""
-    found = [(l, i) for l, p in enumerate(layers) for i in (0, 1) if (p.slope1, p.slope2)[i] is not None]
-    args = prelu_args([norms[l][i] for l, i in found], [(layers[l].slope1, layers[l].slope2)[i] for l, i in found])
+    found = [(l, i, slope) for l, p in enumerate(layers) for i, slope in enumerate((p.slope1, p.slope2))
+             if slope is not None]  # fmt: skip
+    args = prelu_args([norms[l][i] for l, i, _ in found], [slope for *_, slope in found])
     prelus = [[None, None] for _ in layers]
-    for (l, i), prelu in zip(found, args):
+    for (l, i, _), prelu in zip(found, args):
         prelus[l][i] = prelu
     return prelus
 
